@@ -1,0 +1,274 @@
+"""hubctl: the operator's command line. A thin click shell over library functions."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import orjson
+
+from hub.config import Config, load_config
+from hub.errors import HubError
+
+DEV_SECRET_FILE = Path(".hub-data/dev-secret")
+
+
+def _config(ctx: click.Context, overrides: dict[str, Any] | None = None) -> Config:
+    path = ctx.obj["config_path"]
+    overrides = dict(overrides or {})
+    if ctx.obj["dev"]:
+        overrides.setdefault("auth.secret", _dev_secret())
+        overrides.setdefault("auth.algorithm", "HS256")
+    try:
+        return load_config(path, os.environ, overrides)
+    except HubError as exc:
+        raise click.ClickException(exc.message) from None
+
+
+def _dev_secret() -> str:
+    """A random HS256 secret kept under .hub-data/, made on first use (development only)."""
+    if os.environ.get("JWT_SECRET"):
+        return os.environ["JWT_SECRET"]
+    if not DEV_SECRET_FILE.exists():
+        DEV_SECRET_FILE.parent.mkdir(parents=True, exist_ok=True)
+        DEV_SECRET_FILE.write_text(secrets.token_urlsafe(48), encoding="utf-8")
+        DEV_SECRET_FILE.chmod(0o600)
+    return DEV_SECRET_FILE.read_text(encoding="utf-8").strip()
+
+
+@click.group()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="Config file (default: $HUB_CONFIG, else ./hub.yaml if present).")
+@click.option("--dev", is_flag=True, help="Development mode: a generated JWT secret under .hub-data/.")
+@click.pass_context
+def cli(ctx: click.Context, config_path: str | None, dev: bool) -> None:
+    """Operate a streamhub node and its Redis."""
+    if config_path is None:
+        config_path = os.environ.get("HUB_CONFIG") or ("hub.yaml" if Path("hub.yaml").is_file() else None)
+    ctx.obj = {"config_path": config_path, "dev": dev}
+
+
+# ---------------------------------------------------------------------- serve
+
+
+@cli.command()
+@click.option("--host", default=None, help="Interface to bind (default from config: 127.0.0.1).")
+@click.option("--port", type=int, default=None, help="Port (default from config: 8000).")
+@click.option("--workers", type=click.IntRange(1, 256), default=1, help="Processes sharing the port.")
+@click.option("--embedded", is_flag=True, help="Always run a private embedded Redis.")
+@click.option("--reuse-port", is_flag=True, hidden=True)
+@click.pass_context
+def serve(ctx: click.Context, host: str | None, port: int | None, workers: int, embedded: bool,
+          reuse_port: bool) -> None:
+    """Run a hub node (WebSocket on /ws/connect, health on /ws/health)."""
+    overrides: dict[str, Any] = {}
+    if host is not None:
+        overrides["server.host"] = host
+    if port is not None:
+        overrides["server.port"] = port
+    if embedded:
+        overrides["redis.embedded"] = "always"
+    config = _config(ctx, overrides)
+    if workers > 1:
+        if config.redis.embedded == "always":
+            raise click.ClickException("--workers needs a shared Redis; --embedded runs one per process")
+        sys.exit(_run_workers(ctx, workers))
+    from hub.logs import setup_logging
+
+    setup_logging(config.logging.level)
+    if ctx.obj["dev"]:
+        click.echo("dev mode: mint a token with  hubctl --dev token 1", err=True)
+    _run_node(config, reuse_port)
+
+
+def _run_node(config: Config, reuse_port: bool) -> None:
+    import uvloop
+
+    from hub.app import App
+
+    async def main() -> None:
+        app = App(config, reuse_port=reuse_port)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await app.start()
+        except BaseException:
+            await app.stop()
+            raise
+        print(f"streamhub node {app.node_id} ready on ws://{config.server.host}:{app.port}/ws/connect",
+              flush=True)
+        await stop.wait()
+        await app.stop()
+
+    try:
+        uvloop.run(main())
+    except HubError as exc:
+        raise click.ClickException(exc.message) from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot start: {exc}") from None
+
+
+def _run_workers(ctx: click.Context, workers: int) -> int:
+    """Run ``workers`` node processes on one port (SO_REUSEPORT); forward SIGTERM/SIGINT to them."""
+    argv = [a for a in sys.argv[1:]]
+    cleaned: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg == "--workers":
+            skip = True
+            continue
+        if arg.startswith("--workers="):
+            continue
+        cleaned.append(arg)
+    children = [subprocess.Popen([sys.executable, "-m", "cli.main", *cleaned, "--reuse-port"])
+                for _ in range(workers)]
+
+    def forward(signum: int, _frame: Any) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    codes = [child.wait() for child in children]
+    return max(codes)
+
+
+# ---------------------------------------------------------------------- tokens and grants
+
+
+@cli.command()
+@click.argument("user_id")
+@click.option("--role", "roles", multiple=True, help="Role claim (customer, manufacturer, support, admin).")
+@click.option("--room", "rooms", multiple=True, help="Room to grant inside the token (signed claim).")
+@click.option("--ttl", "ttl_s", type=int, default=3600, show_default=True, help="Lifetime in seconds.")
+@click.option("--private-key", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Private key for RS*/ES* algorithms.")
+@click.pass_context
+def token(ctx: click.Context, user_id: str, roles: tuple[str, ...], rooms: tuple[str, ...], ttl_s: int,
+          private_key: str | None) -> None:
+    """Mint a JWT this hub accepts (development and testing)."""
+    from hub.auth import mint_token
+
+    config = _config(ctx)
+    key = Path(private_key).read_text(encoding="utf-8") if private_key else None
+    try:
+        click.echo(mint_token(config.auth, user_id, roles, rooms, ttl_s, private_key=key))
+    except HubError as exc:
+        raise click.ClickException(exc.message) from None
+
+
+def _room(name: str) -> str:
+    from hub.rooms import parse_room
+
+    try:
+        return parse_room(name).name
+    except HubError as exc:
+        raise click.BadParameter(exc.message) from None
+
+
+async def _with_streams(config: Config, action: Any) -> Any:
+    from redis.asyncio import Redis
+
+    from hub.keys import Keys
+    from hub.lua import Scripts
+    from hub.streams import Streams
+
+    redis = Redis.from_url(config.redis.url, decode_responses=False, socket_connect_timeout=5)
+    try:
+        db = int(redis.connection_pool.connection_kwargs.get("db", 0) or 0)
+        scripts = Scripts(redis)
+        await scripts.load()
+        return await action(Streams(redis, scripts, Keys(config.redis.key_prefix, db)))
+    finally:
+        await redis.aclose()
+
+
+def _run(coro: Any) -> Any:
+    from redis.exceptions import RedisError
+
+    try:
+        return asyncio.run(coro)
+    except (RedisError, OSError) as exc:
+        raise click.ClickException(f"Redis: {exc}") from None
+
+
+@cli.command()
+@click.argument("room")
+@click.argument("user_ids", nargs=-1, required=True)
+@click.pass_context
+def grant(ctx: click.Context, room: str, user_ids: tuple[str, ...]) -> None:
+    """Let USER_IDS read and write ROOM (order, quote and support rooms)."""
+    name = _room(room)
+    added = _run(_with_streams(_config(ctx), lambda s: s.grant(name, list(user_ids))))
+    click.echo(f"granted {name} to {added} new user(s)")
+
+
+@cli.command()
+@click.argument("room")
+@click.argument("user_ids", nargs=-1, required=True)
+@click.pass_context
+def revoke(ctx: click.Context, room: str, user_ids: tuple[str, ...]) -> None:
+    """Remove USER_IDS' grant on ROOM; connected members are removed within a second."""
+    name = _room(room)
+    removed = _run(_with_streams(_config(ctx), lambda s: s.revoke(name, list(user_ids))))
+    click.echo(f"revoked {name} from {removed} user(s)")
+
+
+# ---------------------------------------------------------------------- publish
+
+
+@cli.command()
+@click.argument("room")
+@click.option("--type", "event_type", default="chat_message", show_default=True,
+              type=click.Choice(["chat_message", "order_status_update", "quote_update", "payment_update",
+                                 "system_notification", "deadline_reminder"]))
+@click.option("--content", default=None, help="Text (required for chat_message).")
+@click.option("--sender", "sender_id", default="system", show_default=True)
+@click.option("--message-type", default="system", show_default=True,
+              type=click.Choice(["text", "file", "image", "system"]))
+@click.option("--data", default=None, help="JSON object for typed events, e.g. '{\"status\":\"shipped\"}'.")
+@click.pass_context
+def publish(ctx: click.Context, room: str, event_type: str, content: str | None, sender_id: str,
+            message_type: str, data: str | None) -> None:
+    """Append a message or backend event to ROOM's stream, as a backend's XADD would."""
+    name = _room(room)
+    fields: list[str | bytes] = ["type", event_type, "sender_id", sender_id,
+                                 "created_at", str(int(time.time() * 1000))]
+    if event_type == "chat_message":
+        if not content:
+            raise click.BadParameter("chat_message needs --content")
+        fields += ["content", content, "message_type", message_type]
+    elif content:
+        fields += ["content", content]
+    if data is not None:
+        try:
+            parsed = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise click.BadParameter("--data must be JSON") from None
+        if not isinstance(parsed, dict):
+            raise click.BadParameter("--data must be a JSON object")
+        fields += ["data", orjson.dumps(parsed)]
+    stream_id = _run(_with_streams(_config(ctx), lambda s: s.append(name, fields)))
+    click.echo(stream_id)
+
+
+def main() -> None:
+    cli(prog_name="hubctl")
+
+
+if __name__ == "__main__":
+    main()

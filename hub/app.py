@@ -1,0 +1,272 @@
+"""Wiring: builds a node from a :class:`~hub.config.Config`, starts it, drains it.
+
+Start order: Redis (or the embedded one) -> keyspace notifications -> Lua scripts -> node
+registration -> publisher, relay, heartbeat -> listening socket. Stop order is the reverse, and
+clients get close code 4001 ("reconnect") before the node's consumer groups are removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import socket
+import time
+from http import HTTPStatus
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from websockets.asyncio.server import Server, serve
+from websockets.http11 import Response
+
+from hub import __version__
+from hub.auth import TokenVerifier
+from hub.config import Config
+from hub.embedded import EmbeddedRedis
+from hub.errors import CloseCode, HubError
+from hub.keys import Keys
+from hub.lua import Scripts
+from hub.node import Node
+from hub.server import Handshake, json_response
+from hub.session import HubConnection, Outbox, Session
+from hub.streams import Publisher, Streams
+
+log = logging.getLogger("hub.app")
+
+# Keyspace notification classes the relay needs: K (keyspace channel), t (stream), s (set: grants).
+REQUIRED_KEYSPACE_FLAGS = "Kst"
+
+
+def make_node_id() -> str:
+    host = "".join(c for c in socket.gethostname() if c.isalnum() or c in "-.")[:32] or "node"
+    return f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+async def connect_redis(url: str) -> Redis:
+    redis = Redis.from_url(url, decode_responses=False, health_check_interval=0,
+                           socket_connect_timeout=5, socket_keepalive=True)
+    return redis
+
+
+async def ensure_keyspace_events(redis: Redis, allowed_to_configure: bool) -> bool:
+    """Make sure stream and set keyspace notifications are on. Returns False if they are not and
+    could not be turned on (the relay then depends on its sweep)."""
+    current = (await redis.config_get("notify-keyspace-events")).get(b"notify-keyspace-events", b"")
+    flags = current.decode() if isinstance(current, bytes) else str(current)
+    have = set(flags)
+    if "A" in have:
+        have |= set("g$lshzxetd")
+    missing = [f for f in REQUIRED_KEYSPACE_FLAGS if f not in have]
+    if not missing:
+        return True
+    if not allowed_to_configure:
+        log.error("Redis notify-keyspace-events=%r lacks %s; live delivery falls back to the sweep",
+                  flags, "".join(missing))
+        return False
+    try:
+        await redis.config_set("notify-keyspace-events", flags + "".join(missing))
+    except RedisError as exc:
+        log.error("cannot enable keyspace notifications (%s); live delivery falls back to the sweep", exc)
+        return False
+    return True
+
+
+class App:
+    def __init__(self, config: Config, *, reuse_port: bool = False) -> None:
+        self.config = config
+        self.reuse_port = reuse_port
+        self.node_id = make_node_id()
+        self.keys = Keys(config.redis.key_prefix)
+        self.draining = False
+        # Built in start(); None before.
+        self.redis: Redis | None = None
+        self.node: Node | None = None
+        self.server: Server | None = None
+        self.embedded: EmbeddedRedis | None = None
+        # Background tasks (publisher, relay, heartbeat, idle reaper); cancelled in stop().
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._verifier = TokenVerifier(config.auth)
+        self.port: int | None = None
+
+    async def start(self) -> None:
+        url = await self._redis_url()
+        self.redis = await connect_redis(url)
+        db = int(self.redis.connection_pool.connection_kwargs.get("db", 0) or 0)
+        self.keys = Keys(self.config.redis.key_prefix, db)
+        await ensure_keyspace_events(self.redis, self.config.redis.configure_keyspace_events)
+        scripts = Scripts(self.redis)
+        await scripts.load()
+        streams = Streams(self.redis, scripts, self.keys)
+        publisher = Publisher(streams, self.config.rooms.idempotency_ttl_s)
+        self.node = Node(self.config, self.node_id, streams, publisher, self.keys)
+        self.outbox = Outbox(asyncio.get_running_loop())
+        await self._heartbeat_once()
+        await self.node.relay.start()
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(publisher.run(), name="publisher"),
+            loop.create_task(self.node.relay.run(), name="relay"),
+            loop.create_task(self._heartbeat(), name="heartbeat"),
+            loop.create_task(self._reap_idle(), name="idle-reaper"),
+        ]
+        server_cfg = self.config.server
+        self.server = await serve(
+            self._handle,
+            server_cfg.host,
+            server_cfg.port,
+            process_request=Handshake(self, self._verifier),
+            create_connection=HubConnection,
+            compression="deflate" if server_cfg.compression else None,
+            max_size=server_cfg.max_frame_bytes,
+            ping_interval=server_cfg.ping_interval_s,
+            ping_timeout=server_cfg.ping_timeout_s,
+            origins=list(server_cfg.allowed_origins) or None,
+            server_header=f"streamhub/{__version__}",
+            reuse_port=self.reuse_port,
+        )
+        sockets = list(self.server.sockets)
+        self.port = sockets[0].getsockname()[1] if sockets else server_cfg.port
+        log.info("node %s listening on %s:%s (redis %s)", self.node_id, server_cfg.host, self.port,
+                 _redact_url(url))
+
+    async def _redis_url(self) -> str:
+        cfg = self.config.redis
+        if cfg.embedded == "always":
+            return await self._start_embedded()
+        if cfg.embedded == "auto" and not self.config.redis_url_explicit:
+            probe = Redis.from_url(cfg.url, socket_connect_timeout=1)
+            try:
+                await probe.ping()
+            except (RedisError, OSError):
+                log.warning("no Redis answers at %s and none is configured: starting the embedded one",
+                            _redact_url(cfg.url))
+                return await self._start_embedded()
+            finally:
+                await probe.aclose()
+        return cfg.url
+
+    async def _start_embedded(self) -> str:
+        self.embedded = EmbeddedRedis(self.config.redis.embedded_dir)
+        return await asyncio.to_thread(self.embedded.start)
+
+    async def _handle(self, connection: Any) -> None:
+        assert self.node is not None and isinstance(connection, HubConnection)
+        session = Session(connection, self.node, self.outbox)
+        self.node.session_opened(session)
+        if self.draining:
+            session.close(CloseCode.SERVER_SHUTDOWN, "server shutting down, reconnect",
+                          self.config.server.drain_timeout_s)
+        await session.run()
+
+    # ------------------------------------------------------------------ background work
+
+    async def _heartbeat_once(self) -> None:
+        assert self.redis is not None and self.node is not None
+        key = self.keys.node(self.node_id)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(key, mapping={
+            "version": __version__, "started_at": int(self.node.started_at), "pid": os.getpid(),
+            "host": socket.gethostname(), "connections": len(self.node.registry.sessions),
+            "rooms": len(self.node.registry.rooms), "seen_at": int(time.time()),
+        })
+        pipe.expire(key, int(self.config.relay.node_ttl_s))
+        pipe.sadd(self.keys.nodes(), self.node_id)
+        await pipe.execute()
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.relay.node_heartbeat_s)
+            try:
+                await self._heartbeat_once()
+            except RedisError as exc:
+                log.warning("heartbeat failed: %s", type(exc).__name__)
+
+    async def _reap_idle(self) -> None:
+        assert self.node is not None
+        timeout = self.config.server.connection_timeout_s
+        while True:
+            await asyncio.sleep(min(max(timeout / 4, 0.05), 30.0))
+            cutoff = time.monotonic() - timeout
+            for session in list(self.node.registry.sessions):
+                if session.last_frame_at < cutoff:
+                    session.close(CloseCode.IDLE_TIMEOUT, "idle timeout, reconnect when needed",
+                                  self.config.server.slow_close_grace_s)
+
+    # ------------------------------------------------------------------ health
+
+    async def health_response(self) -> Response:
+        redis_ok = False
+        if self.redis is not None:
+            try:
+                async with asyncio.timeout(1.0):
+                    redis_ok = bool(await self.redis.ping())
+            except (RedisError, OSError, TimeoutError):
+                redis_ok = False
+        registry = self.node.registry if self.node else None
+        score = 100 if redis_ok and not self.draining else (50 if redis_ok else 0)
+        body = {
+            "status": "success" if redis_ok else "error",
+            "data": {
+                "health_status": "healthy" if score == 100 else ("degraded" if score else "unhealthy"),
+                "health_score": score,
+                "redis_connected": redis_ok,
+                "node_id": self.node_id,
+                "connection_stats": {
+                    "total_connections": len(registry.sessions) if registry else 0,
+                    "unique_users": len(registry.users) if registry else 0,
+                    "total_rooms": len(registry.rooms) if registry else 0,
+                },
+            },
+        }
+        return json_response(HTTPStatus.OK if redis_ok else HTTPStatus.SERVICE_UNAVAILABLE, body)
+
+    # ------------------------------------------------------------------ stop
+
+    async def stop(self) -> None:
+        """Drain: stop accepting, tell every client to reconnect (4001), wait for them to go (bounded),
+        remove this node's groups and registration, stop background work."""
+        self.draining = True
+        grace = self.config.server.drain_timeout_s
+        if self.server is not None:
+            self.server.close(close_connections=False)
+        if self.node is not None:
+            sessions = list(self.node.registry.sessions)
+            for session in sessions:
+                session.close(CloseCode.SERVER_SHUTDOWN, "server shutting down, reconnect", grace)
+            if sessions:
+                await asyncio.wait([asyncio.ensure_future(s.connection.wait_closed()) for s in sessions],
+                                   timeout=grace + 1)
+        if self.server is not None:
+            try:
+                async with asyncio.timeout(grace + 1):
+                    await self.server.wait_closed()
+            except TimeoutError:
+                log.warning("some connection handlers did not finish in time")
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.node is not None:
+            await self.node.relay.destroy_all_groups()
+            await self.node.relay.close()
+        if self.redis is not None:
+            try:
+                await self.redis.delete(self.keys.node(self.node_id))
+                await self.redis.srem(self.keys.nodes(), self.node_id)  # type: ignore[misc]
+            except RedisError:
+                pass
+            await self.redis.aclose()
+        if self.embedded is not None:
+            await asyncio.to_thread(self.embedded.stop)
+
+
+def _redact_url(url: str) -> str:
+    """Drop a password from a URL before logging it."""
+    if "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://***@{rest.split('@', 1)[1]}"
+
+
+__all__ = ["App", "HubError"]

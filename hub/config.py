@@ -1,0 +1,314 @@
+"""Configuration: frozen dataclasses loaded once, from hub.yaml plus environment overrides.
+
+Only this module reads ``os.environ``; everything else receives a :class:`Config`.
+
+Precedence, lowest first: the defaults below, the YAML file, generic ``HUB_<SECTION>_<KEY>``
+variables, then the platform's historical names (``REDIS_URL``, ``JWT_SECRET``, ...), which
+operators already use. A bad value fails at start with :class:`ConfigError` naming the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hub.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Largest WebSocket frame accepted; bigger frames close the socket with 1009 (websockets).
+    max_frame_bytes: int = 1_048_576
+    # Largest chat content accepted; bigger ones get error "message_too_large" and nothing is stored.
+    max_content_bytes: int = 65_536
+    # Protocol-level keepalive; also sent to clients as heartbeat_s.
+    ping_interval_s: float = 20.0
+    ping_timeout_s: float = 20.0
+    # Idle timeout: a connection that sends no frame for this long is closed (code 4002).
+    connection_timeout_s: float = 1800.0
+    # Concurrent connections from one IP (enforced by the security layer).
+    max_connections_per_ip: int = 10
+    # Chat messages per user per minute (enforced by the security layer).
+    message_rate_limit_per_min: int = 60
+    # A connection whose unsent bytes exceed this is closed with 4008 "slow".
+    outbox_limit_bytes: int = 1_048_576
+    # After the slow close frame is queued, the TCP connection is aborted after this long.
+    slow_close_grace_s: float = 5.0
+    # On SIGTERM, how long clients get to finish the close handshake before the node exits.
+    drain_timeout_s: float = 10.0
+    # permessage-deflate: off by default (3x slower fan-out, ~33 KB per connection).
+    compression: bool = False
+    # Allowed Origin header values (exact match); empty allows any origin.
+    allowed_origins: tuple[str, ...] = ()
+    # Publishes a single connection may have in flight before the hub stops reading from it.
+    max_inflight_publishes: int = 64
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "hub:"
+    # Turn on the keyspace notifications that wake the relay (CONFIG SET), if they are off.
+    configure_keyspace_events: bool = True
+    # "auto": start the embedded Redis when nothing is configured and nothing answers.
+    # "always": always start it. "never": fail if Redis does not answer.
+    embedded: str = "auto"
+    embedded_dir: str = ".hub-data/redis"
+
+
+@dataclass(frozen=True)
+class PostgresConfig:
+    url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    # Exactly one algorithm is accepted; tokens signed with any other (including "none") are refused.
+    algorithm: str = "HS256"
+    secret: str = ""
+    public_key_file: str = ""
+    audience: str = ""
+    issuer: str = ""
+    leeway_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class RoomsConfig:
+    max_name_length: int = 128
+    # Roles allowed to publish into channel_* rooms; empty means every authenticated user.
+    channel_publish_roles: tuple[str, ...] = ()
+    # The admin role may read and write every room.
+    admin_all_rooms: bool = True
+    # A resume that would replay more than this is answered recovered: false (fetch history instead).
+    max_replay: int = 1000
+    # Most recent messages a fresh join may ask for with "history".
+    max_join_history: int = 100
+    # How long a client_msg_id is remembered for idempotent retries.
+    idempotency_ttl_s: int = 86_400
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    # Entries read per room per XREADGROUP call.
+    read_count: int = 256
+    # Streams named in one XREADGROUP call.
+    streams_per_read: int = 256
+    # Safety net: every room with local members is read this often even without a wake-up.
+    sweep_interval_s: float = 30.0
+    node_heartbeat_s: float = 5.0
+    node_ttl_s: float = 15.0
+
+
+@dataclass(frozen=True)
+class EncryptionConfig:
+    key: str = ""
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = "INFO"
+    json: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    postgres: PostgresConfig = field(default_factory=PostgresConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    rooms: RoomsConfig = field(default_factory=RoomsConfig)
+    relay: RelayConfig = field(default_factory=RelayConfig)
+    encryption: EncryptionConfig = field(default_factory=EncryptionConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # Where each value came from is not kept; whether Redis was configured explicitly is.
+    redis_url_explicit: bool = False
+
+    def validate(self) -> Config:
+        _check(self.server.port >= 0 and self.server.port < 65536, "server.port", "must be 0..65535")
+        for name in ("max_frame_bytes", "max_content_bytes", "outbox_limit_bytes", "max_inflight_publishes",
+                     "max_connections_per_ip", "message_rate_limit_per_min"):
+            _check(getattr(self.server, name) > 0, f"server.{name}", "must be positive")
+        _check(self.server.max_content_bytes <= self.server.max_frame_bytes, "server.max_content_bytes",
+               "must not exceed server.max_frame_bytes")
+        for name in ("ping_interval_s", "ping_timeout_s", "connection_timeout_s", "slow_close_grace_s",
+                     "drain_timeout_s"):
+            _check(getattr(self.server, name) > 0, f"server.{name}", "must be positive")
+        _check(self.redis.url.startswith(("redis://", "rediss://", "unix://")), "redis.url",
+               "must start with redis://, rediss:// or unix://")
+        _check(bool(self.redis.key_prefix) and "{" not in self.redis.key_prefix, "redis.key_prefix",
+               "must be non-empty and contain no '{'")
+        _check(self.redis.embedded in ("auto", "always", "never"), "redis.embedded",
+               "must be auto, always or never")
+        _check(self.auth.algorithm in ("HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256",
+                                       "ES384", "ES512", "EdDSA"),
+               "auth.algorithm", "must be one of HS256/384/512, RS256/384/512, ES256/384/512, EdDSA")
+        if self.auth.algorithm.startswith("HS"):
+            _check(len(self.auth.secret) >= 32, "auth.secret",
+                   "must be set (JWT_SECRET) and at least 32 characters for HS* algorithms")
+        else:
+            _check(bool(self.auth.public_key_file), "auth.public_key_file",
+                   f"must be set (JWT_PUBLIC_KEY_FILE) for {self.auth.algorithm}")
+            _check(Path(self.auth.public_key_file).is_file(), "auth.public_key_file",
+                   f"file not found: {self.auth.public_key_file}")
+        _check(self.auth.leeway_s >= 0, "auth.leeway_s", "must not be negative")
+        _check(16 <= self.rooms.max_name_length <= 1024, "rooms.max_name_length", "must be 16..1024")
+        _check(self.rooms.max_replay > 0, "rooms.max_replay", "must be positive")
+        _check(self.rooms.max_join_history >= 0, "rooms.max_join_history", "must not be negative")
+        _check(self.rooms.idempotency_ttl_s > 0, "rooms.idempotency_ttl_s", "must be positive")
+        _check(self.relay.read_count > 0, "relay.read_count", "must be positive")
+        _check(self.relay.streams_per_read > 0, "relay.streams_per_read", "must be positive")
+        _check(self.relay.sweep_interval_s > 0, "relay.sweep_interval_s", "must be positive")
+        _check(0 < self.relay.node_heartbeat_s < self.relay.node_ttl_s, "relay.node_heartbeat_s",
+               "must be positive and below relay.node_ttl_s")
+        _check(self.logging.level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "logging.level",
+               "must be DEBUG, INFO, WARNING or ERROR")
+        return self
+
+
+def _check(ok: bool, key: str, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"config {key}: {why}")
+
+
+# The platform's historical environment names, mapped to dotted keys.
+LEGACY_ENV: dict[str, str] = {
+    "REDIS_URL": "redis.url",
+    "DATABASE_URL": "postgres.url",
+    "WEBSOCKET_ENCRYPTION_KEY": "encryption.key",
+    "WEBSOCKET_MAX_CONNECTIONS_PER_IP": "server.max_connections_per_ip",
+    "WEBSOCKET_MESSAGE_RATE_LIMIT": "server.message_rate_limit_per_min",
+    "WEBSOCKET_CONNECTION_TIMEOUT": "server.connection_timeout_s",
+    "JWT_SECRET": "auth.secret",
+    "JWT_ALGORITHM": "auth.algorithm",
+    "JWT_PUBLIC_KEY_FILE": "auth.public_key_file",
+    "JWT_AUDIENCE": "auth.audience",
+    "JWT_ISSUER": "auth.issuer",
+}
+
+
+def load_config(path: str | Path | None, environ: Mapping[str, str],
+                overrides: Mapping[str, Any] | None = None) -> Config:
+    """Build the configuration: defaults < YAML file < HUB_SECTION_KEY < legacy env names < overrides.
+
+    ``overrides`` maps dotted keys to values (command-line flags such as ``--port``).
+    """
+    raw: dict[str, dict[str, Any]] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"config file {p}: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p}: not valid YAML: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p}: the top level must be a mapping of sections")
+        for section, values in loaded.items():
+            if section not in _SECTIONS:
+                raise ConfigError(f"config {section}: unknown section (known: {', '.join(_SECTIONS)})")
+            if values is None:
+                continue
+            if not isinstance(values, dict):
+                raise ConfigError(f"config {section}: must be a mapping")
+            raw.setdefault(section, {}).update(values)
+
+    for section, cls in _SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            name = f"HUB_{section}_{f.name}".upper()
+            if name in environ:
+                raw.setdefault(section, {})[f.name] = environ[name]
+    redis_url_explicit = "url" in raw.get("redis", {})
+    for env_name, dotted in LEGACY_ENV.items():
+        if env_name in environ and environ[env_name] != "":
+            section, key = dotted.split(".")
+            raw.setdefault(section, {})[key] = environ[env_name]
+            if dotted == "redis.url":
+                redis_url_explicit = True
+    for dotted, value in (overrides or {}).items():
+        section, key = dotted.split(".")
+        raw.setdefault(section, {})[key] = value
+        if dotted == "redis.url":
+            redis_url_explicit = True
+
+    sections: dict[str, Any] = {}
+    for section, cls in _SECTIONS.items():
+        sections[section] = _build_section(section, cls, raw.get(section, {}))
+    return Config(**sections, redis_url_explicit=redis_url_explicit).validate()
+
+
+_SECTIONS: dict[str, type] = {
+    "server": ServerConfig,
+    "redis": RedisConfig,
+    "postgres": PostgresConfig,
+    "auth": AuthConfig,
+    "rooms": RoomsConfig,
+    "relay": RelayConfig,
+    "encryption": EncryptionConfig,
+    "logging": LoggingConfig,
+}
+
+
+def _build_section(section: str, cls: type, values: Mapping[str, Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"config {section}.{key}: unknown key (known: {', '.join(sorted(known))})")
+        kwargs[key] = _coerce(f"{section}.{key}", hints[key], value)
+    return cls(**kwargs)
+
+
+def _coerce(key: str, hint: Any, value: Any) -> Any:
+    """Turn a YAML or environment value into the field's type, or name the key in the error."""
+    origin = typing.get_origin(hint)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.strip().lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"config {key}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"config {key}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config {key}: expected an integer, got {value!r}") from None
+    if hint is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"config {key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config {key}: expected a number, got {value!r}") from None
+    if hint is str:
+        if value is None:
+            return ""
+        if not isinstance(value, str | int | float) or isinstance(value, bool):
+            raise ConfigError(f"config {key}: expected a string, got {value!r}")
+        return str(value)
+    if origin is tuple:
+        if isinstance(value, str):
+            items = [v.strip() for v in value.split(",") if v.strip()]
+        elif isinstance(value, list | tuple):
+            items = [str(v) for v in value]
+        else:
+            raise ConfigError(f"config {key}: expected a list, got {value!r}")
+        return tuple(items)
+    if isinstance(hint, types.UnionType):  # pragma: no cover - no optional fields yet
+        return value
+    raise ConfigError(f"config {key}: unsupported type {hint!r}")  # pragma: no cover

@@ -1,0 +1,63 @@
+"""Every Redis key and channel name the hub uses is built here.
+
+Everything about one room shares the room's hash tag (``hub:{order_123}:s``), so multi-key Lua
+scripts touch one slot and the hub runs unchanged on Redis Cluster. Room names reaching this module
+are already canonical (see :mod:`hub.rooms`), so a name maps to exactly one set of keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str = "hub:"
+    db: int = 0
+
+    # --- per room (hash tag = room name) -------------------------------------------------------
+    def stream(self, room: str) -> str:
+        """The room's stream: every chat message and backend event, in order."""
+        return f"{self.prefix}{{{room}}}:s"
+
+    def meta(self, room: str) -> str:
+        """Hash: ``epoch`` (random, set once with the room), ``min_id`` (entries below may be trimmed)."""
+        return f"{self.prefix}{{{room}}}:meta"
+
+    def acl(self, room: str) -> str:
+        """Set of user ids a backend granted access to (order/quote/support rooms)."""
+        return f"{self.prefix}{{{room}}}:acl"
+
+    def idempotency(self, room: str, sender_id: str, client_msg_id: str) -> str:
+        """String: the stream id a (sender, client_msg_id) publish produced; expires."""
+        return f"{self.prefix}{{{room}}}:idem:{sender_id}:{client_msg_id}"
+
+    # --- per node ----------------------------------------------------------------------------
+    def node(self, node_id: str) -> str:
+        """Hash with the node's facts (version, started_at, connections); expires unless refreshed."""
+        return f"{self.prefix}node:{node_id}"
+
+    def node_rooms(self, node_id: str) -> str:
+        """Set of rooms where this node owns a consumer group (for cleanup after it dies)."""
+        return f"{self.prefix}node:{node_id}:rooms"
+
+    def nodes(self) -> str:
+        """Set of node ids that ever registered (dead ones are pruned by maintenance)."""
+        return f"{self.prefix}nodes"
+
+    # --- keyspace notifications --------------------------------------------------------------
+    def keyspace_channel(self, key: str) -> str:
+        return f"__keyspace@{self.db}__:{key}"
+
+    def room_of_key(self, key: str) -> str | None:
+        """Inverse of the per-room builders: ``hub:{order_1}:s`` -> ``order_1``."""
+        if not key.startswith(self.prefix + "{"):
+            return None
+        end = key.find("}", len(self.prefix) + 1)
+        if end < 0:
+            return None
+        return key[len(self.prefix) + 1:end]
+
+    def stream_pattern(self) -> str:
+        """SCAN pattern matching every room stream."""
+        return f"{self.prefix}{{*}}:s"

@@ -1,0 +1,62 @@
+"""Lua scripts from ``scripts/lua/``: read once, loaded into Redis once, called by SHA.
+
+A Redis that restarted has forgotten its scripts; :meth:`Scripts.call` reloads on NOSCRIPT and
+retries once, and :meth:`Scripts.call_in` lets a pipeline carry EVALSHA calls that the caller
+retries the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
+from redis.exceptions import NoScriptError
+
+SCRIPTS_DIR = Path(__file__).resolve().parent.parent / "scripts" / "lua"
+
+
+@dataclass(frozen=True)
+class Script:
+    name: str
+    source: str
+    sha: str
+
+
+def read_scripts(directory: Path = SCRIPTS_DIR) -> dict[str, Script]:
+    scripts = {}
+    for path in sorted(directory.glob("*.lua")):
+        source = path.read_text(encoding="utf-8")
+        scripts[path.stem] = Script(path.stem, source, hashlib.sha1(source.encode()).hexdigest())
+    if not scripts:
+        raise FileNotFoundError(f"no Lua scripts in {directory}")
+    return scripts
+
+
+class Scripts:
+    def __init__(self, redis: Redis, directory: Path = SCRIPTS_DIR) -> None:
+        self._redis = redis
+        self.by_name = read_scripts(directory)
+
+    async def load(self) -> None:
+        """SCRIPT LOAD every script (idempotent)."""
+        pipe = self._redis.pipeline(transaction=False)
+        for script in self.by_name.values():
+            pipe.script_load(script.source)
+        await pipe.execute()
+
+    async def call(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        script = self.by_name[name]
+        try:
+            return await self._redis.evalsha(script.sha, len(keys), *keys, *args)  # type: ignore[misc]
+        except NoScriptError:
+            await self.load()
+            return await self._redis.evalsha(script.sha, len(keys), *keys, *args)  # type: ignore[misc]
+
+    def call_in(self, pipe: Pipeline, name: str, keys: list[str], args: list[Any]) -> None:
+        """Queue an EVALSHA on ``pipe``; a NoScriptError result means: load() and retry."""
+        script = self.by_name[name]
+        pipe.evalsha(script.sha, len(keys), *keys, *args)

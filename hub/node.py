@@ -1,0 +1,310 @@
+"""A hub node: what it does for its sessions (join, leave, publish, subscribe) and access checks.
+
+The node owns the registry (local members), the relay (stream reader) and the publisher (pipelined
+writes). Sessions call :meth:`Node.handle_frame` for every frame they receive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from hub.config import Config
+from hub.errors import ClientError, Forbidden, InvalidFrame, NotJoined, Unavailable
+from hub.keys import Keys
+from hub.protocol import (
+    ChatMessage,
+    Delivery,
+    Envelope,
+    JoinRoom,
+    LeaveRoom,
+    Ping,
+    SubscribeUpdates,
+    Typing,
+    chat_entry_fields,
+    entry_to_delivery,
+    format_stream_id,
+    parse_client_frame,
+)
+from hub.registry import Membership, Registry
+from hub.relay import Relay
+from hub.rooms import AccessRules, Room, check_publish, needs_grant, parse_room
+from hub.session import Session
+from hub.streams import Entry, PublishResult, Publisher, Streams
+
+log = logging.getLogger("hub.node")
+
+
+@dataclass
+class Metrics:
+    connections_opened: int = 0
+    frames_received: int = 0
+    client_errors: dict[str, int] = field(default_factory=dict)
+    messages_published: int = 0
+    slow_disconnects: int = 0
+
+
+class Node:
+    def __init__(self, config: Config, node_id: str, streams: Streams, publisher: Publisher,
+                 keys: Keys) -> None:
+        self.config = config
+        self.node_id = node_id
+        self.streams = streams
+        self.publisher = publisher
+        self.keys = keys
+        self.registry = Registry()
+        self.relay = Relay(streams.redis, streams, keys, self.registry, node_id, config.relay,
+                           self._recheck_room_access)
+        self.rules = AccessRules(config.rooms.admin_all_rooms, config.rooms.channel_publish_roles)
+        self.metrics = Metrics()
+        self.started_at = time.time()
+
+    # ------------------------------------------------------------------ sessions
+
+    def session_opened(self, session: Session) -> None:
+        self.registry.add_session(session)
+        self.metrics.connections_opened += 1
+
+    async def session_closed(self, session: Session) -> None:
+        self.registry.remove_session(session)
+        for room in list(session.rooms):
+            await self._leave(room, session)
+
+    # ------------------------------------------------------------------ frames
+
+    async def handle_frame(self, session: Session, raw: str | bytes) -> None:
+        self.metrics.frames_received += 1
+        try:
+            envelope = parse_client_frame(raw, self.config.server.max_content_bytes,
+                                          self.config.rooms.max_join_history)
+        except ClientError as exc:
+            self._count_error(exc)
+            session.send_error(exc)
+            return
+        try:
+            await self._dispatch(session, envelope)
+        except ClientError as exc:
+            exc.request_type = envelope.type
+            exc.request_id = envelope.request_id
+            self._count_error(exc)
+            session.send_error(exc, room=_room_of(envelope))
+        except Exception:
+            log.exception("internal error handling %s", envelope.type)
+            err = ClientError("internal error; the connection stays open", code="internal_error")
+            err.request_type, err.request_id = envelope.type, envelope.request_id
+            session.send_error(err, room=_room_of(envelope))
+
+    def _count_error(self, exc: ClientError) -> None:
+        self.metrics.client_errors[exc.code] = self.metrics.client_errors.get(exc.code, 0) + 1
+
+    async def _dispatch(self, session: Session, env: Envelope) -> None:
+        frame = env.frame
+        if isinstance(frame, ChatMessage):
+            await self._publish(session, env, frame)
+        elif isinstance(frame, JoinRoom):
+            await self._join(session, env, frame)
+        elif isinstance(frame, LeaveRoom):
+            room = self._parse(frame.room)
+            member = self.registry.membership(room.name, session)
+            if member is None or not member.joined:
+                raise NotJoined("you have not joined this room")
+            await self._unjoin(room.name, session)
+            session.send(_with_request_id({"type": "room_left", "room": room.name, "reason": "left"}, env))
+        elif isinstance(frame, SubscribeUpdates):
+            await self._subscribe_updates(session, env, frame)
+        elif isinstance(frame, Typing):
+            room = self._parse(frame.room)
+            member = self.registry.membership(room.name, session)
+            if member is None or not member.joined:
+                raise NotJoined("join the room before sending typing indicators")
+            # Typing indicators are ephemeral: fanned out by the presence layer, never stored.
+        elif isinstance(frame, Ping):
+            session.send(_with_request_id({"type": "pong", "server_time": _now_ms()}, env))
+        else:  # pragma: no cover - parse_client_frame only returns the types above
+            raise InvalidFrame("unsupported frame")
+
+    def _parse(self, value: Any) -> Room:
+        return parse_room(value, self.config.rooms.max_name_length)
+
+    async def _check_read(self, room: Room, session: Session) -> None:
+        if needs_grant(room, session.principal, self.rules) and not await self.streams.is_granted(
+                room.name, session.user_id):
+            raise Forbidden("you may not access this room")
+
+    # ------------------------------------------------------------------ join / leave
+
+    async def _join(self, session: Session, env: Envelope, frame: JoinRoom) -> None:
+        room = self._parse(frame.room)
+        await self._check_read(room, session)
+        existing = self.registry.membership(room.name, session)
+        if existing is not None and existing.joined:
+            position = await self.streams.open_room(room.name)
+            session.send(_with_request_id({
+                "type": "room_joined", "room": room.name, "epoch": position.epoch,
+                "last_id": format_stream_id(position.last_id), "recovered": False, "messages": [],
+                "already_joined": True,
+            }, env))
+            return
+        member = await self._attach(room.name, session, buffering=True)
+        was_updates_only = member.updates
+        member.joined = True
+        try:
+            position = await self.streams.open_room(room.name)
+            recovered = False
+            entries: list[Entry] = []
+            if frame.since is not None:
+                since = frame.since
+                if (since.epoch == position.epoch and position.min_id <= since.last_id <= position.last_id):
+                    limit = self.config.rooms.max_replay
+                    entries = await self.streams.read_after(room.name, since.last_id, limit + 1)
+                    if len(entries) > limit:
+                        entries = []  # too much to replay: fetch history instead
+                    else:
+                        recovered = True
+            elif frame.history:
+                entries = await self.streams.read_latest(room.name, frame.history)
+        except BaseException:
+            if was_updates_only:
+                member.joined = False
+                member.buffer = None
+            else:
+                await self._leave(room.name, session)
+            raise
+        if session.closing or self.registry.membership(room.name, session) is not member:
+            return  # the client went away (or was removed) while we read
+        replay: list[Delivery] = []
+        for entry_id, fields in entries:
+            delivery = entry_to_delivery(room.name, entry_id, fields)
+            if delivery is not None:
+                replay.append(delivery)
+        last = position.last_id
+        if replay:
+            last = max(last, replay[-1].entry_id)
+        session.send(_with_request_id({
+            "type": "room_joined",
+            "room": room.name,
+            "epoch": position.epoch,
+            "last_id": format_stream_id(last),
+            "recovered": recovered,
+            "messages": [d.frame for d in replay],
+        }, env))
+        self.registry.go_live(member, last, {d.entry_id for d in replay} if was_updates_only else None)
+
+    async def _attach(self, room: str, session: Session, *, buffering: bool) -> Membership:
+        """Add the session to ``room`` and make sure the relay reads it. With ``buffering``, live
+        deliveries are held until :meth:`Registry.go_live` (a join's replay goes first)."""
+        async with self.registry.lock(room):
+            member = self.registry.add(room, session)
+            if buffering:
+                member.buffer = []
+            if room not in self.relay.active:
+                try:
+                    await self.relay.activate(room)
+                except Exception as exc:
+                    self.registry.remove(room, session)
+                    raise Unavailable(f"could not start reading the room: {type(exc).__name__}") from exc
+            return member
+
+    async def _unjoin(self, room: str, session: Session) -> None:
+        member = self.registry.membership(room, session)
+        if member is not None and member.updates:
+            member.joined = False
+            return
+        await self._leave(room, session)
+
+    async def _leave(self, room: str, session: Session) -> None:
+        async with self.registry.lock(room):
+            if self.registry.remove(room, session) and room in self.relay.active:
+                await self.relay.deactivate(room)
+        self.registry.forget_lock(room)
+
+    async def _subscribe_updates(self, session: Session, env: Envelope, frame: SubscribeUpdates) -> None:
+        room = self._parse(f"{frame.kind}_{frame.target_id}")
+        topic = f"{frame.kind}_updates"
+        if frame.subscribe:
+            await self._check_read(room, session)
+            member = self.registry.membership(room.name, session)
+            if member is None:
+                member = await self._attach(room.name, session, buffering=False)
+            member.updates = True
+            session.send(_with_request_id({"type": "subscribed", "topic": topic, "room": room.name,
+                                           f"{frame.kind}_id": int(room.ids[0])}, env))
+        else:
+            member = self.registry.membership(room.name, session)
+            if member is None or not member.updates:
+                raise NotJoined("not subscribed to these updates")
+            member.updates = False
+            if not member.joined:
+                await self._leave(room.name, session)
+            session.send(_with_request_id({"type": "unsubscribed", "topic": topic, "room": room.name,
+                                           f"{frame.kind}_id": int(room.ids[0])}, env))
+
+    async def _recheck_room_access(self, room_name: str) -> None:
+        """The room's grants changed: remove local members who lost access (within a second)."""
+        local = self.registry.rooms.get(room_name)
+        if local is None:
+            return
+        room = self._parse(room_name)
+        for session in list(local.members):
+            try:
+                await self._check_read(room, session)
+            except Forbidden:
+                await self._leave(room_name, session)
+                session.send({"type": "room_left", "room": room_name, "reason": "access_revoked"})
+            except Unavailable:
+                return  # keep members; the next change re-checks
+
+    # ------------------------------------------------------------------ publish
+
+    async def _publish(self, session: Session, env: Envelope, msg: ChatMessage) -> None:
+        room = self._parse(msg.room)
+        member = self.registry.membership(room.name, session)
+        if member is None or not member.joined:
+            raise NotJoined("join the room before sending messages")
+        check_publish(room, session.principal, self.rules)
+        if msg.message_type == "system" and not (session.principal.roles & {"admin", "support"}):
+            raise Forbidden("only support and admin may send system messages")
+        await session.inflight.acquire()
+        fields = chat_entry_fields(session.user_id, msg, _now_ms())
+        future = self.publisher.submit(room.name, session.user_id, msg.client_msg_id, fields)
+        request_id = env.request_id
+
+        def acked(fut: asyncio.Future[PublishResult]) -> None:
+            if fut.cancelled():
+                return
+            exc = fut.exception()
+            if exc is not None:
+                err = exc if isinstance(exc, ClientError) else Unavailable("publish failed")
+                err.request_type, err.request_id = "chat_message", request_id
+                session.send_error(err, room=room.name, client_msg_id=msg.client_msg_id)
+                return
+            result = fut.result()
+            self.metrics.messages_published += 0 if result.duplicate else 1
+            ack: dict[str, Any] = {"type": "ack", "room": room.name, "id": result.id}
+            if msg.client_msg_id is not None:
+                ack["client_msg_id"] = msg.client_msg_id
+            if result.duplicate:
+                ack["duplicate"] = True
+            if request_id is not None:
+                ack["request_id"] = request_id
+            session.send(ack)
+
+        future.add_done_callback(session.after_publish(acked))
+
+
+def _with_request_id(frame: dict[str, Any], env: Envelope) -> dict[str, Any]:
+    if env.request_id is not None:
+        frame["request_id"] = env.request_id
+    return frame
+
+
+def _room_of(env: Envelope) -> str | None:
+    room = getattr(env.frame, "room", None)
+    return room if isinstance(room, str) and len(room) <= 128 else None
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

@@ -1,0 +1,382 @@
+"""The wire protocol: JSON text frames (orjson). Pure functions, no I/O.
+
+Client frames are validated into small dataclasses here; everything the hub sends is encoded here,
+including the WebSocket frame bytes for fan-out (a server frame is unmasked, so one encoding serves
+every recipient).
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from hub.errors import ClientError, InvalidFrame, InvalidMessage, MessageTooLarge, UnknownType
+
+CLIENT_MESSAGE_TYPES = frozenset({"text", "file", "image", "system"})
+# Backend event types delivered from room streams besides chat messages.
+EVENT_TYPES = frozenset({
+    "order_status_update", "quote_update", "payment_update", "system_notification", "deadline_reminder",
+})
+_CLIENT_MSG_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}", re.ASCII)
+_STREAM_ID = re.compile(r"(0|[1-9][0-9]{0,19})-(0|[1-9][0-9]{0,19})", re.ASCII)
+_EPOCH = re.compile(r"[0-9a-f]{1,64}", re.ASCII)
+MAX_METADATA_BYTES = 4096
+
+StreamId = tuple[int, int]
+
+
+def parse_stream_id(value: str) -> StreamId:
+    m = _STREAM_ID.fullmatch(value)
+    if m is None:
+        raise ValueError(value)
+    return int(m.group(1)), int(m.group(2))
+
+
+def format_stream_id(sid: StreamId) -> str:
+    return f"{sid[0]}-{sid[1]}"
+
+
+# ------------------------------------------------------------------ client -> server
+
+
+@dataclass(frozen=True)
+class Since:
+    epoch: str
+    last_id: StreamId
+
+
+@dataclass(frozen=True)
+class JoinRoom:
+    room: Any
+    since: Since | None
+    history: int
+
+
+@dataclass(frozen=True)
+class LeaveRoom:
+    room: Any
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    room: Any
+    content: str
+    message_type: str
+    client_msg_id: str | None
+    metadata: bytes | None  # JSON object, already encoded
+
+
+@dataclass(frozen=True)
+class Typing:
+    room: Any
+    is_typing: bool
+
+
+@dataclass(frozen=True)
+class SubscribeUpdates:
+    kind: str  # "order" or "quote"
+    target_id: Any
+    subscribe: bool
+
+
+@dataclass(frozen=True)
+class Ping:
+    pass
+
+
+ClientFrame = JoinRoom | LeaveRoom | ChatMessage | Typing | SubscribeUpdates | Ping
+
+
+@dataclass(frozen=True)
+class Envelope:
+    type: str
+    request_id: str | int | None
+    frame: ClientFrame
+
+
+def parse_client_frame(raw: str | bytes, max_content_bytes: int, max_history: int) -> Envelope:
+    """Validate one client frame. Raises a :class:`~hub.errors.ClientError` subclass on bad input;
+    the error carries ``request_type``/``request_id`` when they could be read."""
+    if isinstance(raw, bytes):
+        raise InvalidFrame("binary frames are not supported; send JSON text frames")
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise InvalidFrame("frame is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise InvalidFrame("frame must be a JSON object")
+    request_id = obj.get("request_id")
+    if request_id is not None and not (
+        (isinstance(request_id, str) and len(request_id) <= 64)
+        or (isinstance(request_id, int) and not isinstance(request_id, bool) and abs(request_id) < 2**53)
+    ):
+        request_id = None
+    ftype = obj.get("type")
+    try:
+        if not isinstance(ftype, str):
+            raise InvalidFrame("frame needs a string field 'type'")
+        parser = _PARSERS.get(ftype)
+        if parser is None:
+            raise UnknownType(f"unknown frame type {ftype[:40]!r}")
+        return Envelope(ftype, request_id, parser(obj, max_content_bytes, max_history))
+    except ClientError as exc:
+        exc.request_type = ftype if isinstance(ftype, str) and ftype in _PARSERS else None
+        exc.request_id = request_id
+        raise
+
+
+def _join(obj: dict[str, Any], _max_content: int, max_history: int) -> JoinRoom:
+    since_obj = obj.get("since")
+    since = None
+    if since_obj is not None:
+        if not isinstance(since_obj, dict):
+            raise InvalidFrame("since must be an object {epoch, last_id}")
+        epoch, last_id = since_obj.get("epoch"), since_obj.get("last_id")
+        if not isinstance(epoch, str) or not _EPOCH.fullmatch(epoch):
+            raise InvalidFrame("since.epoch must be the epoch string a room_joined frame gave")
+        try:
+            sid = parse_stream_id(last_id) if isinstance(last_id, str) else None
+        except ValueError:
+            sid = None
+        if sid is None:
+            raise InvalidFrame("since.last_id must be a stream id like '1700000000000-0'")
+        since = Since(epoch, sid)
+    history = obj.get("history", 0)
+    if not isinstance(history, int) or isinstance(history, bool) or history < 0:
+        raise InvalidFrame("history must be a non-negative integer")
+    return JoinRoom(obj.get("room"), since, min(history, max_history))
+
+
+def _leave(obj: dict[str, Any], _max_content: int, _max_history: int) -> LeaveRoom:
+    return LeaveRoom(obj.get("room"))
+
+
+def _chat(obj: dict[str, Any], max_content: int, _max_history: int) -> ChatMessage:
+    content = obj.get("content")
+    if not isinstance(content, str):
+        raise InvalidMessage("content must be a string")
+    if not content:
+        raise InvalidMessage("content must not be empty")
+    encoded_len = len(content.encode("utf-8", "surrogatepass"))
+    if encoded_len > max_content:
+        raise MessageTooLarge(f"content is {encoded_len} bytes; the limit is {max_content}")
+    if "\x00" in content or _has_lone_surrogate(content):
+        raise InvalidMessage("content must be valid Unicode text without NUL characters")
+    message_type = obj.get("message_type", "text")
+    if message_type not in CLIENT_MESSAGE_TYPES:
+        raise InvalidMessage("message_type must be text, file, image or system")
+    cmid = obj.get("client_msg_id")
+    if cmid is not None and (not isinstance(cmid, str) or not _CLIENT_MSG_ID.fullmatch(cmid)):
+        raise InvalidMessage("client_msg_id must be 1-64 of A-Z a-z 0-9 _ . : -")
+    metadata = obj.get("metadata")
+    meta_bytes = None
+    if metadata is not None:
+        if not isinstance(metadata, dict):
+            raise InvalidMessage("metadata must be a JSON object")
+        meta_bytes = orjson.dumps(metadata)
+        if len(meta_bytes) > MAX_METADATA_BYTES:
+            raise InvalidMessage(f"metadata is larger than {MAX_METADATA_BYTES} bytes")
+    return ChatMessage(obj.get("room"), content, message_type, cmid, meta_bytes)
+
+
+def _has_lone_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _typing_start(obj: dict[str, Any], _a: int, _b: int) -> Typing:
+    return Typing(obj.get("room"), True)
+
+
+def _typing_stop(obj: dict[str, Any], _a: int, _b: int) -> Typing:
+    return Typing(obj.get("room"), False)
+
+
+def _subscriber(kind: str, subscribe: bool) -> Any:
+    field = f"{kind}_id"
+
+    def parse(obj: dict[str, Any], _a: int, _b: int) -> SubscribeUpdates:
+        value = obj.get(field)
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise InvalidFrame(f"{field} must be an integer")
+        return SubscribeUpdates(kind, value, subscribe)
+
+    return parse
+
+
+def _ping(obj: dict[str, Any], _a: int, _b: int) -> Ping:
+    return Ping()
+
+
+_PARSERS: dict[str, Any] = {
+    "join_room": _join,
+    "leave_room": _leave,
+    "chat_message": _chat,
+    "typing_start": _typing_start,
+    "typing_stop": _typing_stop,
+    "subscribe_order_updates": _subscriber("order", True),
+    "unsubscribe_order_updates": _subscriber("order", False),
+    "subscribe_quote_updates": _subscriber("quote", True),
+    "unsubscribe_quote_updates": _subscriber("quote", False),
+    "ping": _ping,
+}
+CLIENT_FRAME_TYPES = frozenset(_PARSERS)
+
+
+# ------------------------------------------------------------------ server -> client
+
+
+def encode(frame: dict[str, Any]) -> bytes:
+    return orjson.dumps(frame)
+
+
+def text_frame(payload: bytes) -> bytes:
+    """The bytes of one unmasked, unfragmented WebSocket text frame carrying ``payload``."""
+    n = len(payload)
+    if n < 126:
+        header = bytes((0x81, n))
+    elif n < 65536:
+        header = struct.pack("!BBH", 0x81, 126, n)
+    else:
+        header = struct.pack("!BBQ", 0x81, 127, n)
+    return header + payload
+
+
+def iso_ms(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def error_frame(code: str, message: str, *, request_type: str | None = None, room: str | None = None,
+                request_id: str | int | None = None, retryable: bool = False,
+                **extra: Any) -> dict[str, Any]:
+    frame: dict[str, Any] = {"type": "error", "code": code, "message": message}
+    if request_type is not None:
+        frame["request_type"] = request_type
+    if room is not None:
+        frame["room"] = room
+    if request_id is not None:
+        frame["request_id"] = request_id
+    if retryable:
+        frame["retryable"] = True
+    frame.update(extra)
+    return frame
+
+
+# ------------------------------------------------------------------ stream entries
+
+# Fields a stream entry may carry (README documents them for backends that XADD directly).
+F_TYPE = b"type"
+F_SENDER = b"sender_id"
+F_CONTENT = b"content"
+F_MESSAGE_TYPE = b"message_type"
+F_CLIENT_MSG_ID = b"client_msg_id"
+F_METADATA = b"metadata"
+F_DATA = b"data"
+F_CREATED_AT = b"created_at"
+
+
+def chat_entry_fields(sender_id: str, msg: ChatMessage, created_at_ms: int) -> list[bytes | str]:
+    """Flat field/value list for XADD of a client's chat message."""
+    fields: list[bytes | str] = [
+        "type", "chat_message", "sender_id", sender_id, "content", msg.content,
+        "message_type", msg.message_type, "created_at", str(created_at_ms),
+    ]
+    if msg.client_msg_id is not None:
+        fields += ["client_msg_id", msg.client_msg_id]
+    if msg.metadata is not None:
+        fields += ["metadata", msg.metadata]
+    return fields
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One stream entry turned into what members receive."""
+
+    entry_id: StreamId
+    frame: dict[str, Any]  # the JSON object (for replays inside room_joined)
+    wire: bytes  # the complete WebSocket frame, encoded once for every recipient
+    is_chat: bool  # chat (for members) or a backend event (members and update subscribers)
+
+
+def entry_to_delivery(room: str, entry_id: bytes, fields: dict[bytes, bytes]) -> Delivery | None:
+    """Decode one stream entry, from the hub or a backend's raw XADD. Returns None for entries that
+    are not deliverable (unknown type, malformed), which the caller counts and logs; never raises on
+    hostile bytes."""
+    decoded = entry_to_frame(room, entry_id, fields)
+    if decoded is None:
+        return None
+    sid, frame, is_chat = decoded
+    return Delivery(sid, frame, text_frame(orjson.dumps(frame)), is_chat)
+
+
+def entry_to_frame(room: str, entry_id: bytes,
+                   fields: dict[bytes, bytes]) -> tuple[StreamId, dict[str, Any], bool] | None:
+    """The frame a stream entry becomes, or None when it is not deliverable."""
+    sid_text = entry_id.decode("ascii", "replace")
+    try:
+        sid = parse_stream_id(sid_text)
+    except ValueError:
+        return None
+    etype = _text(fields.get(F_TYPE)) or "chat_message"
+    created_ms = _int(fields.get(F_CREATED_AT))
+    if created_ms is None or not (0 <= created_ms < 2**47):
+        created_ms = sid[0]
+    frame: dict[str, Any] = {"type": etype, "room": room, "id": sid_text}
+    sender = _text(fields.get(F_SENDER))
+    if etype == "chat_message":
+        content = _text(fields.get(F_CONTENT))
+        if content is None:
+            return None
+        frame["sender_id"] = sender or "system"
+        frame["content"] = content
+        mtype = _text(fields.get(F_MESSAGE_TYPE)) or "text"
+        frame["message_type"] = mtype if mtype in CLIENT_MESSAGE_TYPES else "text"
+        frame["created_at"] = iso_ms(created_ms)
+        cmid = _text(fields.get(F_CLIENT_MSG_ID))
+        if cmid is not None:
+            frame["client_msg_id"] = cmid
+        meta = _json_object(fields.get(F_METADATA))
+        if meta is not None:
+            frame["metadata"] = meta
+        return sid, frame, True
+    if etype not in EVENT_TYPES:
+        return None
+    if sender is not None:
+        frame["sender_id"] = sender
+    frame["created_at"] = iso_ms(created_ms)
+    data = _json_object(fields.get(F_DATA))
+    frame["data"] = data if data is not None else {}
+    content = _text(fields.get(F_CONTENT))
+    if content is not None:
+        frame["content"] = content
+    return sid, frame, False
+
+
+def _text(value: bytes | None) -> str | None:
+    if value is None:
+        return None
+    return value.decode("utf-8", "replace")
+
+
+def _int(value: bytes | None) -> int | None:
+    if value is None or not value.isdigit() or len(value) > 18:
+        return None
+    return int(value)
+
+
+def _json_object(value: bytes | None) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    try:
+        obj = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return None
+    return obj if isinstance(obj, dict) else None

@@ -1,0 +1,125 @@
+"""The node's index of local members: room -> sessions, user -> sessions.
+
+Fan-out lives here: a delivery's frame bytes were encoded once by the relay and are handed to each
+member's session without awaiting anything. A member that is still joining buffers live deliveries
+until its replay has been sent, which is how a join gets no gap and no duplicate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from hub.protocol import Delivery, StreamId
+
+if TYPE_CHECKING:
+    from hub.session import Session
+
+
+@dataclass
+class Membership:
+    session: Session
+    joined: bool = False  # receives chat and events (join_room)
+    updates: bool = False  # receives backend events only (subscribe_*_updates)
+    # Live deliveries held while the join's replay is being read; None once live.
+    buffer: list[Delivery] | None = None
+
+
+@dataclass
+class LocalRoom:
+    members: dict[Session, Membership] = field(default_factory=dict)
+
+
+class Registry:
+    def __init__(self) -> None:
+        self.rooms: dict[str, LocalRoom] = {}
+        self.users: dict[str, set[Session]] = {}
+        self.sessions: set[Session] = set()
+        # Serialises activating and deactivating a room's reader (one lock per room with members
+        # or with a join in progress).
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def lock(self, room: str) -> asyncio.Lock:
+        lock = self._locks.get(room)
+        if lock is None:
+            lock = self._locks[room] = asyncio.Lock()
+        return lock
+
+    def forget_lock(self, room: str) -> None:
+        lock = self._locks.get(room)
+        if lock is not None and not lock.locked() and room not in self.rooms:
+            del self._locks[room]
+
+    def add_session(self, session: Session) -> None:
+        self.sessions.add(session)
+        self.users.setdefault(session.user_id, set()).add(session)
+
+    def remove_session(self, session: Session) -> None:
+        self.sessions.discard(session)
+        peers = self.users.get(session.user_id)
+        if peers is not None:
+            peers.discard(session)
+            if not peers:
+                del self.users[session.user_id]
+
+    def membership(self, room: str, session: Session) -> Membership | None:
+        local = self.rooms.get(room)
+        return local.members.get(session) if local else None
+
+    def add(self, room: str, session: Session) -> Membership:
+        local = self.rooms.get(room)
+        if local is None:
+            local = self.rooms[room] = LocalRoom()
+        member = local.members.get(session)
+        if member is None:
+            member = local.members[session] = Membership(session)
+            session.rooms.add(room)
+        return member
+
+    def remove(self, room: str, session: Session) -> bool:
+        """Drop the session from the room. Returns True when the room has no local member left."""
+        local = self.rooms.get(room)
+        session.rooms.discard(room)
+        if local is None:
+            return False
+        local.members.pop(session, None)
+        if not local.members:
+            del self.rooms[room]
+            return True
+        return False
+
+    def has_members(self, room: str) -> bool:
+        return room in self.rooms
+
+    def deliver(self, room: str, deliveries: Iterable[Delivery]) -> int:
+        """Hand each delivery to every local member that should see it. Returns frames queued."""
+        local = self.rooms.get(room)
+        if local is None:
+            return 0
+        queued = 0
+        members = list(local.members.values())
+        for delivery in deliveries:
+            for member in members:
+                if delivery.is_chat and not member.joined:
+                    continue
+                if member.buffer is not None:
+                    member.buffer.append(delivery)
+                else:
+                    member.session.send_wire(delivery.wire)
+                    queued += 1
+        return queued
+
+    @staticmethod
+    def go_live(member: Membership, after: StreamId, replayed: set[StreamId] | None = None) -> None:
+        """End a join's buffering: send what arrived live with id > ``after``, then deliver directly.
+
+        ``replayed`` is given when the member already received events live (an updates subscriber
+        joining): its buffered events were not sent yet, so each goes out unless the replay had it.
+        """
+        buffered, member.buffer = member.buffer or [], None
+        for delivery in buffered:
+            if delivery.entry_id > after or (
+                    replayed is not None and not delivery.is_chat and delivery.entry_id not in replayed):
+                member.session.send_wire(delivery.wire)

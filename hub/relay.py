@@ -1,0 +1,274 @@
+"""The node's stream reader: one consumer group per room with local members, woken per room.
+
+Cost follows rooms with new data, not rooms joined: the relay subscribes to the keyspace
+notification of each active room's stream key (which also fires for a backend's raw ``XADD``) and
+reads only the rooms that were woken, many streams per ``XREADGROUP`` call. A slow sweep re-reads
+every active room now and then, as a safety net for notifications lost while the subscription
+connection was down.
+
+Ordering: within a room, entries are read in stream order and handed to the registry in that order;
+one read loop means one room is never fanned out by two tasks at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.exceptions import RedisError, ResponseError
+
+from hub.config import RelayConfig
+from hub.keys import Keys
+from hub.protocol import Delivery, entry_to_delivery
+from hub.registry import Registry
+from hub.streams import Streams
+
+log = logging.getLogger("hub.relay")
+
+
+class Relay:
+    def __init__(self, redis: Redis, streams: Streams, keys: Keys, registry: Registry, node_id: str,
+                 config: RelayConfig, on_acl_change: Callable[[str], Awaitable[None]]) -> None:
+        self._redis = redis
+        self._streams = streams
+        self._keys = keys
+        self._registry = registry
+        self._group = node_id
+        self._consumer = node_id
+        self._config = config
+        self._on_acl_change = on_acl_change
+        # Rooms whose group exists and whose notifications we receive.
+        self.active: set[str] = set()
+        # Rooms to read on the next turn of the read loop.
+        self._dirty: set[str] = set()
+        self._wake = asyncio.Event()
+        # The subscription connection (keyspace notifications + control channel); made in start().
+        self._pubsub: PubSub | None = None
+        # keyspace channel -> (room, what): "s" for the stream, "acl" for the grant set.
+        self._channels: dict[str, tuple[str, str]] = {}
+        # Subscribe confirmations we wait for, per channel, in the order we asked.
+        self._confirmations: dict[str, list[asyncio.Future[None]]] = {}
+        # Pending ACL re-checks (owned here, awaited on close).
+        self._acl_tasks: set[asyncio.Task[None]] = set()
+        self.entries_delivered = 0
+        self.undeliverable_entries = 0
+        self.reads = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        self._pubsub = self._redis.pubsub()
+        # The first subscription creates the connection that listen() reads from.
+        await self._pubsub.subscribe(f"{self._keys.prefix}control")
+
+    async def run(self) -> None:
+        """Run the read loop, the subscription listener and the sweep until cancelled."""
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._listen())
+            tasks.create_task(self._read_loop())
+            tasks.create_task(self._sweep())
+
+    async def close(self) -> None:
+        for task in list(self._acl_tasks):
+            task.cancel()
+        if self._acl_tasks:
+            await asyncio.gather(*self._acl_tasks, return_exceptions=True)
+        if self._pubsub is not None:
+            await self._pubsub.aclose()
+
+    # ------------------------------------------------------------------ activation
+
+    async def activate(self, room: str) -> None:
+        """Start reading ``room``: subscribe to its wake-ups, then create the node's group at the
+        stream's end. Callers hold the registry's room lock. Entries added after this returns are
+        delivered live; anything older is the joining client's replay."""
+        assert self._pubsub is not None
+        stream_channel = self._keys.keyspace_channel(self._keys.stream(room))
+        acl_channel = self._keys.keyspace_channel(self._keys.acl(room))
+        self._channels[stream_channel] = (room, "s")
+        self._channels[acl_channel] = (room, "acl")
+        loop = asyncio.get_running_loop()
+        waits = []
+        for channel in (stream_channel, acl_channel):
+            fut: asyncio.Future[None] = loop.create_future()
+            self._confirmations.setdefault(channel, []).append(fut)
+            waits.append(fut)
+        try:
+            await self._pubsub.subscribe(stream_channel, acl_channel)
+            # The group must not be created before Redis confirmed the subscription, or an entry
+            # added in between would wait for the sweep.
+            async with asyncio.timeout(10):
+                await asyncio.gather(*waits)
+            await self._streams.create_group(room, self._group)
+            await self._redis.sadd(self._keys.node_rooms(self._group), room)  # type: ignore[misc]
+        except BaseException:
+            for fut in waits:
+                fut.cancel()
+            await self._unsubscribe(room)
+            raise
+        self.active.add(room)
+        self.wake(room)
+
+    async def deactivate(self, room: str) -> None:
+        """Stop reading ``room`` (its last local member left). Callers hold the room lock."""
+        self.active.discard(room)
+        self._dirty.discard(room)
+        await self._unsubscribe(room)
+        try:
+            await self._streams.destroy_group(room, self._group)
+            await self._redis.srem(self._keys.node_rooms(self._group), room)  # type: ignore[misc]
+        except RedisError as exc:
+            # The group is left behind; maintenance removes groups of rooms this node no longer
+            # reads, and activate() moves an old group to the stream's end.
+            log.warning("could not remove group of %s: %s", room, type(exc).__name__)
+
+    async def _unsubscribe(self, room: str) -> None:
+        channels = [self._keys.keyspace_channel(self._keys.stream(room)),
+                    self._keys.keyspace_channel(self._keys.acl(room))]
+        for channel in channels:
+            self._channels.pop(channel, None)
+        if self._pubsub is not None:
+            try:
+                await self._pubsub.unsubscribe(*channels)
+            except RedisError:
+                pass  # a new subscription connection will not resubscribe channels we dropped
+
+    async def destroy_all_groups(self) -> None:
+        """On shutdown: remove this node's groups so they do not linger with growing lag."""
+        pipe = self._redis.pipeline(transaction=False)
+        for room in self.active:
+            pipe.xgroup_destroy(self._keys.stream(room), self._group)
+        pipe.delete(self._keys.node_rooms(self._group))
+        try:
+            await pipe.execute(raise_on_error=False)
+        except RedisError as exc:
+            log.warning("could not remove this node's groups: %s", type(exc).__name__)
+
+    # ------------------------------------------------------------------ wake-ups
+
+    def wake(self, room: str) -> None:
+        self._dirty.add(room)
+        self._wake.set()
+
+    async def _listen(self) -> None:
+        assert self._pubsub is not None
+        backoff = 0.05
+        while True:
+            try:
+                message = await self._pubsub.get_message(timeout=None)
+            except RedisError as exc:
+                log.warning("subscription connection lost (%s); reconnecting", type(exc).__name__)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                # Notifications may have been lost while disconnected.
+                self._wake_all()
+                continue
+            backoff = 0.05
+            if message is None:
+                continue
+            self._dispatch(message)
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        channel = message["channel"]
+        if isinstance(channel, bytes):
+            channel = channel.decode()
+        if kind == "subscribe":
+            waiters = self._confirmations.get(channel)
+            if waiters:
+                fut = waiters.pop(0)
+                if not waiters:
+                    del self._confirmations[channel]
+                if not fut.done():
+                    fut.set_result(None)
+            return
+        if kind != "message":
+            return
+        target = self._channels.get(channel)
+        if target is None:
+            return
+        room, what = target
+        if what == "s":
+            self.wake(room)
+        else:
+            task = asyncio.get_running_loop().create_task(self._on_acl_change(room))
+            self._acl_tasks.add(task)
+            task.add_done_callback(self._acl_tasks.discard)
+
+    def _wake_all(self) -> None:
+        self._dirty.update(self.active)
+        self._wake.set()
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(self._config.sweep_interval_s)
+            self._wake_all()
+
+    # ------------------------------------------------------------------ reading
+
+    async def _read_loop(self) -> None:
+        backoff = 0.05
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            rooms = [r for r in self._dirty if r in self.active]
+            self._dirty.clear()
+            try:
+                for start in range(0, len(rooms), self._config.streams_per_read):
+                    await self._read(rooms[start:start + self._config.streams_per_read])
+                backoff = 0.05
+            except RedisError as exc:
+                log.warning("stream read failed (%s); retrying", type(exc).__name__)
+                self._dirty.update(rooms)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                self._wake.set()
+
+    async def _read(self, rooms: list[str]) -> None:
+        streams = {self._keys.stream(room): ">" for room in rooms}
+        try:
+            response = await self._redis.xreadgroup(self._group, self._consumer, streams,  # type: ignore[arg-type]
+                                                    count=self._config.read_count)
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            # A stream (and its group) vanished: Redis lost data or a purge ran. Recreate the
+            # groups one by one; the next read delivers what the new streams hold.
+            for room in rooms:
+                await self._streams.create_group(room, self._group)
+            return
+        self.reads += 1
+        if not response:
+            return
+        acks = self._redis.pipeline(transaction=False)
+        for key, entries in _stream_items(response):
+            room = self._keys.room_of_key(key.decode() if isinstance(key, bytes) else key)
+            if room is None or not entries:
+                continue
+            deliveries: list[Delivery] = []
+            for entry_id, fields in entries:
+                delivery = entry_to_delivery(room, entry_id, fields or {})
+                if delivery is None:
+                    self.undeliverable_entries += 1
+                    log.warning("undeliverable entry %s in %s (unknown type or malformed)",
+                                entry_id.decode("ascii", "replace"), room)
+                else:
+                    deliveries.append(delivery)
+            self._registry.deliver(room, deliveries)
+            self.entries_delivered += len(deliveries)
+            acks.xack(key, self._group, *[entry_id for entry_id, _ in entries])
+            if len(entries) >= self._config.read_count:
+                self._dirty.add(room)  # more may be waiting
+                self._wake.set()
+        await acks.execute(raise_on_error=False)
+
+
+def _stream_items(response: Any) -> list[tuple[Any, list[tuple[bytes, dict[bytes, bytes]]]]]:
+    """XREADGROUP replies are a list of [key, entries] (RESP2) or a dict (RESP3)."""
+    if isinstance(response, dict):
+        return [(k, v[0] if v and isinstance(v[0], list) else v) for k, v in response.items()]
+    return [(k, v) for k, v in response]

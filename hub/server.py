@@ -1,0 +1,88 @@
+"""The network surface: websockets ``serve``, the handshake checks, and the bodiless HTTP endpoints.
+
+Authentication happens in ``process_request``, before the upgrade: a bad or missing token gets
+HTTP 401 and nothing touches Redis. The token arrives in the ``token`` query parameter (browsers
+cannot set headers on a WebSocket) or an ``Authorization: Bearer`` header; it is never logged.
+"""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlsplit
+
+import orjson
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
+
+from hub.auth import TokenVerifier
+from hub.errors import AuthError
+from hub.session import HubConnection
+
+if TYPE_CHECKING:
+    from hub.app import App
+
+log = logging.getLogger("hub.server")
+
+WS_PATH = "/ws/connect"
+
+
+def json_response(status: HTTPStatus, body: dict[str, Any]) -> Response:
+    payload = orjson.dumps(body)
+    headers = Headers([("Content-Type", "application/json"), ("Content-Length", str(len(payload))),
+                       ("Cache-Control", "no-store")])
+    return Response(status.value, status.phrase, headers, payload)
+
+
+def error_response(status: HTTPStatus, code: str, message: str) -> Response:
+    return json_response(status, {"status": "error", "error": {"code": code, "message": message}})
+
+
+class Handshake:
+    """``process_request`` for websockets: routes HTTP endpoints and authenticates upgrades."""
+
+    def __init__(self, app: App, verifier: TokenVerifier) -> None:
+        self._app = app
+        self._verifier = verifier
+
+    async def __call__(self, connection: Any, request: Request) -> Response | None:
+        assert isinstance(connection, HubConnection)
+        url = urlsplit(request.path)
+        if url.path == WS_PATH:
+            return self._authenticate(connection, request, url.query)
+        if url.path == "/ws/health":
+            return await self._app.health_response()
+        return error_response(HTTPStatus.NOT_FOUND, "not_found", "no such endpoint")
+
+    def _authenticate(self, connection: HubConnection, request: Request, query: str) -> Response | None:
+        if request.headers.get("Upgrade", "").lower() != "websocket":
+            return error_response(HTTPStatus.UPGRADE_REQUIRED, "upgrade_required",
+                                  "this endpoint speaks WebSocket only")
+        if self._app.draining:
+            return error_response(HTTPStatus.SERVICE_UNAVAILABLE, "draining", "node is shutting down")
+        params = parse_qs(query, keep_blank_values=True, max_num_fields=32)
+        token = _first(params, "token")
+        if token is None:
+            auth = request.headers.get("Authorization", "")
+            if auth[:7].lower() == "bearer ":
+                token = auth[7:].strip()
+        try:
+            connection.verified = self._verifier.verify(token)
+        except AuthError as exc:
+            log.info("handshake refused from %s: %s", _peer(connection), exc.message)
+            return error_response(HTTPStatus.UNAUTHORIZED, "unauthorized", exc.message)
+        connection.client_type = (_first(params, "client_type") or "")[:32]
+        connection.client_version = (_first(params, "client_version") or "")[:32]
+        connection.device_id = (_first(params, "device_id") or "")[:128]
+        return None
+
+
+def _first(params: dict[str, list[str]], name: str) -> str | None:
+    values = params.get(name)
+    return values[0] if values else None
+
+
+def _peer(connection: HubConnection) -> str:
+    address = connection.remote_address
+    return str(address[0]) if address else "?"

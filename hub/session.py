@@ -1,0 +1,178 @@
+"""One WebSocket connection: its identity, its outgoing buffer, its read loop.
+
+Every frame the hub sends to a client goes through :meth:`Session.send_wire`: bytes are appended
+to the session's pending list and written with one ``transport.write`` per event-loop turn by the
+node's :class:`Outbox`. Nothing ever awaits a client's socket, so one stalled client cannot slow a
+room; a client whose unsent bytes exceed the limit is closed with 4008 "slow".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
+
+from hub.auth import VerifiedToken
+from hub.errors import ClientError, CloseCode
+from hub.protocol import encode, error_frame, text_frame
+
+if TYPE_CHECKING:
+    from hub.node import Node
+
+log = logging.getLogger("hub.session")
+_ids = itertools.count(1)
+
+
+class HubConnection(ServerConnection):
+    """websockets' server connection plus what the handshake learnt about the client."""
+
+    # Set by process_request after the token is verified; None until then (and for HTTP requests).
+    verified: VerifiedToken | None = None
+    client_type: str = ""
+    client_version: str = ""
+    device_id: str = ""
+
+
+class Outbox:
+    """Writes every session's pending frames once per event-loop turn."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._dirty: list[Session] = []
+        self._scheduled = False
+
+    def mark(self, session: Session) -> None:
+        self._dirty.append(session)
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        dirty, self._dirty = self._dirty, []
+        for session in dirty:
+            session.flush()
+
+
+class Session:
+    """State of one connection, from after the handshake until it closes."""
+
+    def __init__(self, connection: HubConnection, node: Node, outbox: Outbox) -> None:
+        assert connection.verified is not None
+        self.connection = connection
+        self.node = node
+        self.principal = connection.verified.principal
+        self.token = connection.verified
+        self.user_id = self.principal.user_id
+        self.id = f"{node.node_id}-{next(_ids)}"
+        self._outbox = outbox
+        self._transport = connection.transport
+        # Frames waiting for this turn's write; emptied by flush().
+        self._pending: list[bytes] = []
+        self._dirty = False
+        # Set once the session stops accepting frames (closing, slow, or closed).
+        self.closing = False
+        # Timer that aborts the TCP connection if the client never answers our close frame.
+        self._abort_handle: asyncio.TimerHandle | None = None
+        # Rooms this session joined or subscribed to updates of (the registry holds the details).
+        self.rooms: set[str] = set()
+        self.last_frame_at = time.monotonic()
+        # Publishes in flight; the read loop waits when the client has too many.
+        self.inflight = asyncio.Semaphore(node.config.server.max_inflight_publishes)
+
+    # ------------------------------------------------------------------ outgoing
+
+    def send(self, frame: dict[str, Any]) -> None:
+        self.send_wire(text_frame(encode(frame)))
+
+    def send_wire(self, wire: bytes) -> None:
+        """Queue one complete WebSocket frame; written at the end of this loop turn."""
+        if self.closing:
+            return
+        self._pending.append(wire)
+        if not self._dirty:
+            self._dirty = True
+            self._outbox.mark(self)
+
+    def send_error(self, exc: ClientError, room: str | None = None, **extra: Any) -> None:
+        self.send(error_frame(exc.code, exc.message, request_type=exc.request_type, room=room,
+                              request_id=exc.request_id, retryable=exc.retryable, **extra))
+
+    def flush(self) -> None:
+        self._dirty = False
+        if not self._pending:
+            return
+        data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
+        self._pending.clear()
+        if self.closing or self.connection.protocol.state is not State.OPEN:
+            return
+        self._transport.write(data)
+        if self._transport.get_write_buffer_size() > self.node.config.server.outbox_limit_bytes:
+            self.node.metrics.slow_disconnects += 1
+            log.info("closing slow connection %s (user %s)", self.id, self.user_id)
+            self.close(CloseCode.SLOW, "slow: the client did not read fast enough",
+                       self.node.config.server.slow_close_grace_s)
+
+    def close(self, code: int, reason: str, grace_s: float) -> None:
+        """Start the close handshake without waiting on the socket; abort after ``grace_s``."""
+        if self.closing:
+            return
+        self.closing = True
+        self._pending.clear()
+        conn = self.connection
+        if conn.protocol.state is State.OPEN:
+            conn.protocol.send_close(code, reason)
+            try:
+                conn.send_data()
+            except Exception:  # the transport is already gone
+                conn.transport.abort()
+                return
+        self._abort_handle = asyncio.get_running_loop().call_later(grace_s, conn.transport.abort)
+
+    # ------------------------------------------------------------------ incoming
+
+    async def run(self) -> None:
+        """Serve the connection until it closes. Never raises for client behaviour."""
+        conn = self.connection
+        self.send({
+            "type": "connection_established",
+            "connection_id": self.id,
+            "user_id": self.user_id,
+            "server_time": _now_iso(),
+            "heartbeat_s": self.node.config.server.ping_interval_s,
+        })
+        try:
+            async for raw in conn:
+                self.last_frame_at = time.monotonic()
+                if self.closing:
+                    continue
+                await self.node.handle_frame(self, raw)
+        except ConnectionClosed:
+            pass
+        finally:
+            self.closing = True
+            if self._abort_handle is not None:
+                self._abort_handle.cancel()
+            await self.node.session_closed(self)
+
+    def after_publish(self, callback: Callable[[asyncio.Future[Any]], None]) -> Callable[[asyncio.Future[Any]], None]:
+        """Wrap a publish completion callback so it frees the in-flight slot first."""
+
+        def done(future: asyncio.Future[Any]) -> None:
+            self.inflight.release()
+            callback(future)
+
+        return done
+
+
+def _now_iso() -> str:
+    from hub.protocol import iso_ms
+
+    return iso_ms(int(time.time() * 1000))

@@ -1,0 +1,193 @@
+"""Room streams in Redis: opening a room, reading ranges, consumer groups, grants, publishing.
+
+Publishing is pipelined: :class:`Publisher` collects the publishes of every connection that arrive
+while one round trip is in flight and sends them together, so a node does one round trip for many
+messages instead of one EVALSHA round trip per message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import NoScriptError, RedisError, ResponseError
+
+from hub.errors import Unavailable
+from hub.keys import Keys
+from hub.lua import Scripts
+from hub.protocol import StreamId, format_stream_id, parse_stream_id
+
+log = logging.getLogger("hub.streams")
+
+Entry = tuple[bytes, dict[bytes, bytes]]
+
+
+def new_epoch() -> str:
+    return secrets.token_hex(8)
+
+
+@dataclass(frozen=True)
+class RoomPosition:
+    epoch: str
+    min_id: StreamId  # entries below may have been trimmed
+    last_id: StreamId  # newest entry, (0, 0) when empty
+
+
+class Streams:
+    """Room-level Redis operations. Every call may raise :class:`~hub.errors.Unavailable`."""
+
+    def __init__(self, redis: Redis, scripts: Scripts, keys: Keys) -> None:
+        self.redis = redis
+        self.scripts = scripts
+        self.keys = keys
+
+    async def open_room(self, room: str) -> RoomPosition:
+        """The room's epoch (created if new), trim watermark and newest id."""
+        try:
+            epoch, min_id, last_id = await self.scripts.call(
+                "room_open", [self.keys.stream(room), self.keys.meta(room)], [new_epoch()])
+        except RedisError as exc:
+            raise Unavailable(f"Redis unavailable: {type(exc).__name__}") from exc
+        return RoomPosition(epoch.decode(), _sid(min_id), _sid(last_id))
+
+    async def read_after(self, room: str, after: StreamId, count: int) -> list[Entry]:
+        """Entries with id > ``after``, oldest first, at most ``count``."""
+        try:
+            rows = await self.redis.xrange(self.keys.stream(room), min=f"({format_stream_id(after)}",
+                                           max="+", count=count)
+        except RedisError as exc:
+            raise Unavailable(f"Redis unavailable: {type(exc).__name__}") from exc
+        return [(eid, fields) for eid, fields in rows]
+
+    async def read_latest(self, room: str, count: int) -> list[Entry]:
+        """The newest ``count`` entries, oldest first."""
+        if count <= 0:
+            return []
+        try:
+            rows = await self.redis.xrevrange(self.keys.stream(room), max="+", min="-", count=count)
+        except RedisError as exc:
+            raise Unavailable(f"Redis unavailable: {type(exc).__name__}") from exc
+        return [(eid, fields) for eid, fields in reversed(rows)]
+
+    async def is_granted(self, room: str, user_id: str) -> bool:
+        try:
+            return bool(await self.redis.sismember(self.keys.acl(room), user_id))  # type: ignore[misc]
+        except RedisError as exc:
+            raise Unavailable(f"Redis unavailable: {type(exc).__name__}") from exc
+
+    async def grant(self, room: str, user_ids: Sequence[str]) -> int:
+        return int(await self.redis.sadd(self.keys.acl(room), *user_ids))  # type: ignore[misc]
+
+    async def revoke(self, room: str, user_ids: Sequence[str]) -> int:
+        return int(await self.redis.srem(self.keys.acl(room), *user_ids))  # type: ignore[misc]
+
+    async def append(self, room: str, fields: Sequence[bytes | str]) -> str:
+        """Append one entry (creating the room's epoch if new). Returns the stream id."""
+        sid, _epoch, _dup = await self.scripts.call(
+            "room_publish", [self.keys.stream(room), self.keys.meta(room)], [new_epoch(), 0, *fields])
+        return str(sid.decode())
+
+    async def create_group(self, room: str, group: str) -> None:
+        """Create ``group`` on the room's stream at its current end ("$"), or move it there."""
+        stream = self.keys.stream(room)
+        try:
+            await self.redis.xgroup_create(stream, group, id="$", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+            await self.redis.xgroup_setid(stream, group, id="$")
+
+    async def destroy_group(self, room: str, group: str) -> None:
+        await self.redis.xgroup_destroy(self.keys.stream(room), group)
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    id: str
+    epoch: str
+    duplicate: bool
+
+
+@dataclass
+class _Request:
+    keys: list[str]
+    args: list[Any]
+    future: asyncio.Future[PublishResult]
+
+
+class Publisher:
+    """Pipelines room_publish calls from all connections of a node.
+
+    Guarantees: requests are sent in submission order within one pipeline, and pipelines run one
+    at a time, so one connection's messages get increasing stream ids in the order it sent them.
+    """
+
+    MAX_BATCH = 512
+
+    def __init__(self, streams: Streams, idempotency_ttl_s: int) -> None:
+        self._streams = streams
+        self._keys = streams.keys
+        self._ttl_s = idempotency_ttl_s
+        self._queue: list[_Request] = []
+        self._wake = asyncio.Event()
+        self.batches = 0  # pipelines sent, for metrics and tests
+
+    def submit(self, room: str, sender_id: str, client_msg_id: str | None,
+               fields: list[bytes | str]) -> asyncio.Future[PublishResult]:
+        keys = [self._keys.stream(room), self._keys.meta(room)]
+        if client_msg_id is not None:
+            keys.append(self._keys.idempotency(room, sender_id, client_msg_id))
+        future: asyncio.Future[PublishResult] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Request(keys, [new_epoch(), self._ttl_s, *fields], future))
+        self._wake.set()
+        return future
+
+    async def run(self) -> None:
+        """Send queued publishes until cancelled (owned by the app's task group)."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                batch, self._queue = self._queue[:self.MAX_BATCH], self._queue[self.MAX_BATCH:]
+                await self._send(batch)
+
+    async def _send(self, batch: list[_Request]) -> None:
+        scripts = self._streams.scripts
+        for attempt in (1, 2):
+            pipe = self._streams.redis.pipeline(transaction=False)
+            for req in batch:
+                scripts.call_in(pipe, "room_publish", req.keys, req.args)
+            try:
+                results = await pipe.execute(raise_on_error=False)
+            except RedisError as exc:
+                log.warning("publish pipeline failed: %s", type(exc).__name__)
+                for req in batch:
+                    if not req.future.done():
+                        req.future.set_exception(Unavailable("Redis unavailable; nothing was stored"))
+                return
+            self.batches += 1
+            retry: list[_Request] = []
+            for req, result in zip(batch, results, strict=True):
+                if req.future.done():
+                    continue
+                if isinstance(result, NoScriptError) and attempt == 1:
+                    retry.append(req)
+                elif isinstance(result, Exception):
+                    log.warning("publish failed: %s", result)
+                    req.future.set_exception(Unavailable("Redis refused the message; nothing was stored"))
+                else:
+                    sid, epoch, duplicate = result
+                    req.future.set_result(PublishResult(sid.decode(), epoch.decode(), bool(duplicate)))
+            if not retry:
+                return
+            await scripts.load()
+            batch = retry
+
+
+def _sid(value: bytes) -> StreamId:
+    return parse_stream_id(value.decode())
