@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from websockets.asyncio.server import Server, serve
 from websockets.http11 import Response
+from websockets.typing import Origin
 
 from hub import __version__
 from hub.auth import TokenVerifier
@@ -53,7 +54,8 @@ async def connect_redis(url: str) -> Redis:
 async def ensure_keyspace_events(redis: Redis, allowed_to_configure: bool) -> bool:
     """Make sure stream and set keyspace notifications are on. Returns False if they are not and
     could not be turned on (the relay then depends on its sweep)."""
-    current = (await redis.config_get("notify-keyspace-events")).get(b"notify-keyspace-events", b"")
+    reply: dict[Any, Any] = await redis.config_get("notify-keyspace-events")
+    current = reply.get(b"notify-keyspace-events", reply.get("notify-keyspace-events", b""))
     flags = current.decode() if isinstance(current, bytes) else str(current)
     have = set(flags)
     if "A" in have:
@@ -122,7 +124,7 @@ class App:
             max_size=server_cfg.max_frame_bytes,
             ping_interval=server_cfg.ping_interval_s,
             ping_timeout=server_cfg.ping_timeout_s,
-            origins=list(server_cfg.allowed_origins) or None,
+            origins=_origins(server_cfg.allowed_origins),
             server_header=f"streamhub/{__version__}",
             reuse_port=self.reuse_port,
         )
@@ -253,12 +255,17 @@ class App:
         if self.redis is not None:
             try:
                 await self.redis.delete(self.keys.node(self.node_id))
-                await self.redis.srem(self.keys.nodes(), self.node_id)  # type: ignore[misc]
+                await self.redis.srem(self.keys.nodes(), self.node_id)
             except RedisError:
                 pass
             await self.redis.aclose()
         if self.embedded is not None:
             await asyncio.to_thread(self.embedded.stop)
+
+
+def _origins(allowed: tuple[str, ...]) -> list[Origin | None] | None:
+    """websockets' origin check: exact values; an empty allowlist admits any origin."""
+    return [Origin(value) for value in allowed] if allowed else None
 
 
 def _redact_url(url: str) -> str:

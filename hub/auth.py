@@ -47,7 +47,7 @@ class TokenVerifier:
             raise AuthError("missing token")
         if len(token) > 8192:
             raise AuthError("token too long")
-        options: dict[str, Any] = {"require": ["exp", "sub"], "verify_aud": bool(self._config.audience)}
+        options: Any = {"require": ["exp", "sub"], "verify_aud": bool(self._config.audience)}
         try:
             claims = jwt.decode(
                 token,
@@ -95,8 +95,9 @@ def _principal_from(claims: dict[str, Any]) -> VerifiedToken:
             continue  # a malformed room in a claim grants nothing
     exp = claims["exp"]
     jti = claims.get("jti")
+    roles = frozenset(r for r in roles_claim if r in KNOWN_ROLES)
     return VerifiedToken(
-        principal=Principal(sub, frozenset(r for r in roles_claim if r in KNOWN_ROLES), frozenset(token_rooms)),
+        principal=Principal(sub, roles, frozenset(token_rooms)),
         expires_at=float(exp),
         token_id=jti if isinstance(jti, str) else None,
     )

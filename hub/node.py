@@ -33,7 +33,7 @@ from hub.registry import Membership, Registry
 from hub.relay import Relay
 from hub.rooms import AccessRules, Room, check_publish, needs_grant, parse_room
 from hub.session import Session
-from hub.streams import Entry, PublishResult, Publisher, Streams
+from hub.streams import Entry, Publisher, PublishResult, Streams
 
 log = logging.getLogger("hub.node")
 

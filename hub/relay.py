@@ -13,8 +13,9 @@ one read loop means one room is never fanned out by two tasks at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from redis.asyncio import Redis
@@ -32,7 +33,7 @@ log = logging.getLogger("hub.relay")
 
 class Relay:
     def __init__(self, redis: Redis, streams: Streams, keys: Keys, registry: Registry, node_id: str,
-                 config: RelayConfig, on_acl_change: Callable[[str], Awaitable[None]]) -> None:
+                 config: RelayConfig, on_acl_change: Callable[[str], Coroutine[Any, Any, None]]) -> None:
         self._redis = redis
         self._streams = streams
         self._keys = keys
@@ -78,7 +79,7 @@ class Relay:
         if self._acl_tasks:
             await asyncio.gather(*self._acl_tasks, return_exceptions=True)
         if self._pubsub is not None:
-            await self._pubsub.aclose()
+            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
 
     # ------------------------------------------------------------------ activation
 
@@ -104,7 +105,7 @@ class Relay:
             async with asyncio.timeout(10):
                 await asyncio.gather(*waits)
             await self._streams.create_group(room, self._group)
-            await self._redis.sadd(self._keys.node_rooms(self._group), room)  # type: ignore[misc]
+            await self._redis.sadd(self._keys.node_rooms(self._group), room)
         except BaseException:
             for fut in waits:
                 fut.cancel()
@@ -120,7 +121,7 @@ class Relay:
         await self._unsubscribe(room)
         try:
             await self._streams.destroy_group(room, self._group)
-            await self._redis.srem(self._keys.node_rooms(self._group), room)  # type: ignore[misc]
+            await self._redis.srem(self._keys.node_rooms(self._group), room)
         except RedisError as exc:
             # The group is left behind; maintenance removes groups of rooms this node no longer
             # reads, and activate() moves an old group to the stream's end.
@@ -132,10 +133,9 @@ class Relay:
         for channel in channels:
             self._channels.pop(channel, None)
         if self._pubsub is not None:
-            try:
+            # On failure the dropped channels are forgotten anyway: a reconnect does not resubscribe them.
+            with contextlib.suppress(RedisError):
                 await self._pubsub.unsubscribe(*channels)
-            except RedisError:
-                pass  # a new subscription connection will not resubscribe channels we dropped
 
     async def destroy_all_groups(self) -> None:
         """On shutdown: remove this node's groups so they do not linger with growing lag."""
@@ -174,9 +174,8 @@ class Relay:
 
     def _dispatch(self, message: dict[str, Any]) -> None:
         kind = message["type"]
-        channel = message["channel"]
-        if isinstance(channel, bytes):
-            channel = channel.decode()
+        raw_channel = message["channel"]
+        channel: str = raw_channel.decode() if isinstance(raw_channel, bytes) else str(raw_channel)
         if kind == "subscribe":
             waiters = self._confirmations.get(channel)
             if waiters:
@@ -195,7 +194,7 @@ class Relay:
         if what == "s":
             self.wake(room)
         else:
-            task = asyncio.get_running_loop().create_task(self._on_acl_change(room))
+            task: asyncio.Task[None] = asyncio.ensure_future(self._on_acl_change(room))
             self._acl_tasks.add(task)
             task.add_done_callback(self._acl_tasks.discard)
 
@@ -246,23 +245,23 @@ class Relay:
             return
         acks = self._redis.pipeline(transaction=False)
         for key, entries in _stream_items(response):
-            room = self._keys.room_of_key(key.decode() if isinstance(key, bytes) else key)
-            if room is None or not entries:
+            name = self._keys.room_of_key(key.decode() if isinstance(key, bytes) else key)
+            if name is None or not entries:
                 continue
             deliveries: list[Delivery] = []
             for entry_id, fields in entries:
-                delivery = entry_to_delivery(room, entry_id, fields or {})
+                delivery = entry_to_delivery(name, entry_id, fields or {})
                 if delivery is None:
                     self.undeliverable_entries += 1
                     log.warning("undeliverable entry %s in %s (unknown type or malformed)",
-                                entry_id.decode("ascii", "replace"), room)
+                                entry_id.decode("ascii", "replace"), name)
                 else:
                     deliveries.append(delivery)
-            self._registry.deliver(room, deliveries)
+            self._registry.deliver(name, deliveries)
             self.entries_delivered += len(deliveries)
             acks.xack(key, self._group, *[entry_id for entry_id, _ in entries])
             if len(entries) >= self._config.read_count:
-                self._dirty.add(room)  # more may be waiting
+                self._dirty.add(name)  # more may be waiting
                 self._wake.set()
         await acks.execute(raise_on_error=False)
 

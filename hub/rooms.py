@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 from hub.errors import Forbidden, InvalidRoom
 
@@ -23,7 +23,7 @@ _PATTERNS = {
 }
 
 
-class RoomKind(str, Enum):
+class RoomKind(StrEnum):
     ORDER = "order"
     QUOTE = "quote"
     DIRECT = "user"
@@ -51,9 +51,11 @@ def parse_room(value: object, max_length: int = 128) -> Room:
     match = pattern.fullmatch(value)
     if match is None:
         if kind_text == "channel":
-            raise InvalidRoom("channel names are 1-64 of a-z, 0-9, '_' and '-', starting with a letter or digit")
-        raise InvalidRoom(f"{kind_text} rooms are {kind_text}_ followed by a decimal id (ASCII digits, no leading zero)"
-                          + (" and a second id" if kind_text == "user" else ""))
+            raise InvalidRoom("channel names are 1-64 of a-z, 0-9, '_' and '-', "
+                              "starting with a letter or digit")
+        second = " and a second id" if kind_text == "user" else ""
+        raise InvalidRoom(f"{kind_text} rooms are {kind_text}_ followed by a decimal id{second} "
+                          "(ASCII digits, no leading zero)")
     kind = RoomKind(kind_text)
     if kind is RoomKind.CHANNEL:
         return Room(kind, value)
@@ -99,9 +101,8 @@ def needs_grant(room: Room, who: Principal, rules: AccessRules) -> bool:
         if who.user_id in (str(room.ids[0]), str(room.ids[1])):
             return False
         raise Forbidden("direct rooms are only for the two users they name")
-    if room.kind is RoomKind.SUPPORT and "support" in who.roles:
-        return False
-    return True  # order, quote, support (owner): the backend's grant decides
+    # Order, quote and support rooms: the backend's grant decides, except for the support role.
+    return not (room.kind is RoomKind.SUPPORT and "support" in who.roles)
 
 
 def check_publish(room: Room, who: Principal, rules: AccessRules) -> None:

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from hub.node import Node
 
 log = logging.getLogger("hub.session")
+PublishCallback = Callable[["asyncio.Future[Any]"], None]
 _ids = itertools.count(1)
 
 
@@ -162,7 +163,7 @@ class Session:
                 self._abort_handle.cancel()
             await self.node.session_closed(self)
 
-    def after_publish(self, callback: Callable[[asyncio.Future[Any]], None]) -> Callable[[asyncio.Future[Any]], None]:
+    def after_publish(self, callback: PublishCallback) -> PublishCallback:
         """Wrap a publish completion callback so it frees the in-flight slot first."""
 
         def done(future: asyncio.Future[Any]) -> None:

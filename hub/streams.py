@@ -62,7 +62,7 @@ class Streams:
                                            max="+", count=count)
         except RedisError as exc:
             raise Unavailable(f"Redis unavailable: {type(exc).__name__}") from exc
-        return [(eid, fields) for eid, fields in rows]
+        return _entries(rows)
 
     async def read_latest(self, room: str, count: int) -> list[Entry]:
         """The newest ``count`` entries, oldest first."""
@@ -72,19 +72,19 @@ class Streams:
             rows = await self.redis.xrevrange(self.keys.stream(room), max="+", min="-", count=count)
         except RedisError as exc:
             raise Unavailable(f"Redis unavailable: {type(exc).__name__}") from exc
-        return [(eid, fields) for eid, fields in reversed(rows)]
+        return list(reversed(_entries(rows)))
 
     async def is_granted(self, room: str, user_id: str) -> bool:
         try:
-            return bool(await self.redis.sismember(self.keys.acl(room), user_id))  # type: ignore[misc]
+            return bool(await self.redis.sismember(self.keys.acl(room), user_id))
         except RedisError as exc:
             raise Unavailable(f"Redis unavailable: {type(exc).__name__}") from exc
 
     async def grant(self, room: str, user_ids: Sequence[str]) -> int:
-        return int(await self.redis.sadd(self.keys.acl(room), *user_ids))  # type: ignore[misc]
+        return int(await self.redis.sadd(self.keys.acl(room), *user_ids))
 
     async def revoke(self, room: str, user_ids: Sequence[str]) -> int:
-        return int(await self.redis.srem(self.keys.acl(room), *user_ids))  # type: ignore[misc]
+        return int(await self.redis.srem(self.keys.acl(room), *user_ids))
 
     async def append(self, room: str, fields: Sequence[bytes | str]) -> str:
         """Append one entry (creating the room's epoch if new). Returns the stream id."""
@@ -187,6 +187,11 @@ class Publisher:
                 return
             await scripts.load()
             batch = retry
+
+
+def _entries(rows: Any) -> list[Entry]:
+    """redis-py's XRANGE reply (bytes mode) as typed entries."""
+    return [(eid, fields or {}) for eid, fields in rows or []]
 
 
 def _sid(value: bytes) -> StreamId:
