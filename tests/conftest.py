@@ -133,7 +133,7 @@ class HubProcess:
 
 
 @pytest.fixture
-def hub_processes(prefix: str, tmp_path: Path) -> Iterator[Any]:
+async def hub_processes(prefix: str, tmp_path: Path) -> AsyncIterator[Any]:
     started: list[HubProcess] = []
 
     async def start(**env: str) -> HubProcess:
@@ -143,8 +143,8 @@ def hub_processes(prefix: str, tmp_path: Path) -> Iterator[Any]:
         return proc
 
     yield start
-    for proc in started:
-        proc.stop()
+    # Stop in a thread: the test's clients live on this loop and must answer the close handshake.
+    await asyncio.gather(*(asyncio.to_thread(proc.stop) for proc in started))
 
 
 def url_of(app: App) -> str:
