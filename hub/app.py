@@ -252,6 +252,7 @@ class App:
         if self.node is not None:
             await self.node.relay.destroy_all_groups()
             await self.node.relay.close()
+            await self.node.typing.close()
         if self.redis is not None:
             try:
                 await self.redis.delete(self.keys.node(self.node_id))

@@ -92,6 +92,8 @@ class RoomsConfig:
     max_replay: int = 1000
     # Most recent messages a fresh join may ask for with "history".
     max_join_history: int = 100
+    # A typing indicator that is never stopped ends by itself after this long.
+    typing_ttl_ms: int = 6000
     # How long a client_msg_id is remembered for idempotent retries.
     idempotency_ttl_s: int = 86_400
 
@@ -163,6 +165,7 @@ class Config:
         _check(16 <= self.rooms.max_name_length <= 1024, "rooms.max_name_length", "must be 16..1024")
         _check(self.rooms.max_replay > 0, "rooms.max_replay", "must be positive")
         _check(self.rooms.max_join_history >= 0, "rooms.max_join_history", "must not be negative")
+        _check(500 <= self.rooms.typing_ttl_ms <= 60_000, "rooms.typing_ttl_ms", "must be 500..60000")
         _check(self.rooms.idempotency_ttl_s > 0, "rooms.idempotency_ttl_s", "must be positive")
         _check(self.relay.read_count > 0, "relay.read_count", "must be positive")
         _check(self.relay.streams_per_read > 0, "relay.streams_per_read", "must be positive")

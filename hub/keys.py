@@ -32,6 +32,14 @@ class Keys:
         """String: the stream id a (sender, client_msg_id) publish produced; expires."""
         return f"{self.prefix}{{{room}}}:idem:{sender_id}:{client_msg_id}"
 
+    def typing(self, room: str, user_id: str) -> str:
+        """String with a TTL: present while ``user_id`` is typing in ``room``."""
+        return f"{self.prefix}{{{room}}}:typing:{user_id}"
+
+    def events_channel(self, room: str) -> str:
+        """Pub/sub channel for the room's ephemeral events (typing), never stored."""
+        return f"{self.prefix}{{{room}}}:ev"
+
     # --- per node ----------------------------------------------------------------------------
     def node(self, node_id: str) -> str:
         """Hash with the node's facts (version, started_at, connections); expires unless refreshed."""

@@ -26,6 +26,14 @@ class RedactingFilter(logging.Filter):
         return True
 
 
+def protect_logger(name: str) -> None:
+    """Attach the redacting filter to a logger itself, so every handler (not only ours) gets clean
+    records. A filter on a parent logger would not see records logged on a child."""
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, RedactingFilter) for f in logger.filters):
+        logger.addFilter(RedactingFilter())
+
+
 def setup_logging(level: str) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

@@ -12,9 +12,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from hub.config import Config
 from hub.errors import ClientError, Forbidden, InvalidFrame, NotJoined, Unavailable
 from hub.keys import Keys
+from hub.presence import TypingIndicators
 from hub.protocol import (
     ChatMessage,
     Delivery,
@@ -58,6 +61,7 @@ class Node:
         self.registry = Registry()
         self.relay = Relay(streams.redis, streams, keys, self.registry, node_id, config.relay,
                            self._recheck_room_access)
+        self.typing = TypingIndicators(streams.scripts, keys, config.rooms.typing_ttl_ms)
         self.rules = AccessRules(config.rooms.admin_all_rooms, config.rooms.channel_publish_roles)
         self.metrics = Metrics()
         self.started_at = time.time()
@@ -120,7 +124,10 @@ class Node:
             member = self.registry.membership(room.name, session)
             if member is None or not member.joined:
                 raise NotJoined("join the room before sending typing indicators")
-            # Typing indicators are ephemeral: fanned out by the presence layer, never stored.
+            try:
+                await self.typing.update(session, room.name, frame.is_typing)
+            except RedisError as exc:
+                raise Unavailable("Redis unavailable; typing indicator not sent") from exc
         elif isinstance(frame, Ping):
             session.send(_with_request_id({"type": "pong", "server_time": _now_ms()}, env))
         else:  # pragma: no cover - parse_client_frame only returns the types above
@@ -212,10 +219,14 @@ class Node:
         member = self.registry.membership(room, session)
         if member is not None and member.updates:
             member.joined = False
+            if self.typing.is_typing(session, room):
+                await self.typing.stop_all(session, {room})
             return
         await self._leave(room, session)
 
     async def _leave(self, room: str, session: Session) -> None:
+        if self.typing.is_typing(session, room):
+            await self.typing.stop_all(session, {room})
         async with self.registry.lock(room):
             if self.registry.remove(room, session) and room in self.relay.active:
                 await self.relay.deactivate(room)

@@ -12,7 +12,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from hub.protocol import Delivery, StreamId
+import orjson
+
+from hub.protocol import Delivery, StreamId, text_frame
 
 if TYPE_CHECKING:
     from hub.session import Session
@@ -110,6 +112,24 @@ class Registry:
                     member.session.send_wire(delivery.wire)
                     queued += 1
         return queued
+
+    def deliver_ephemeral(self, room: str, payload: bytes) -> None:
+        """Fan out an ephemeral event (typing) to joined members other than its own user's sessions.
+        Not buffered during a join and not replayed: it only matters now."""
+        local = self.rooms.get(room)
+        if local is None:
+            return
+        try:
+            event = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return
+        if not isinstance(event, dict):
+            return
+        author = event.get("user_id")
+        wire = text_frame(payload)
+        for member in local.members.values():
+            if member.joined and member.buffer is None and member.session.user_id != author:
+                member.session.send_wire(wire)
 
     @staticmethod
     def go_live(member: Membership, after: StreamId, replayed: set[StreamId] | None = None) -> None:

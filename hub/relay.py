@@ -88,18 +88,17 @@ class Relay:
         stream's end. Callers hold the registry's room lock. Entries added after this returns are
         delivered live; anything older is the joining client's replay."""
         assert self._pubsub is not None
-        stream_channel = self._keys.keyspace_channel(self._keys.stream(room))
-        acl_channel = self._keys.keyspace_channel(self._keys.acl(room))
-        self._channels[stream_channel] = (room, "s")
-        self._channels[acl_channel] = (room, "acl")
+        channels = self._room_channels(room)
+        for channel, what in channels.items():
+            self._channels[channel] = (room, what)
         loop = asyncio.get_running_loop()
         waits = []
-        for channel in (stream_channel, acl_channel):
+        for channel in channels:
             fut: asyncio.Future[None] = loop.create_future()
             self._confirmations.setdefault(channel, []).append(fut)
             waits.append(fut)
         try:
-            await self._pubsub.subscribe(stream_channel, acl_channel)
+            await self._pubsub.subscribe(*channels)
             # The group must not be created before Redis confirmed the subscription, or an entry
             # added in between would wait for the sweep.
             async with asyncio.timeout(10):
@@ -127,9 +126,16 @@ class Relay:
             # reads, and activate() moves an old group to the stream's end.
             log.warning("could not remove group of %s: %s", room, type(exc).__name__)
 
+    def _room_channels(self, room: str) -> dict[str, str]:
+        """The channels an active room needs: stream wake-ups, grant changes, ephemeral events."""
+        return {
+            self._keys.keyspace_channel(self._keys.stream(room)): "s",
+            self._keys.keyspace_channel(self._keys.acl(room)): "acl",
+            self._keys.events_channel(room): "ev",
+        }
+
     async def _unsubscribe(self, room: str) -> None:
-        channels = [self._keys.keyspace_channel(self._keys.stream(room)),
-                    self._keys.keyspace_channel(self._keys.acl(room))]
+        channels = list(self._room_channels(room))
         for channel in channels:
             self._channels.pop(channel, None)
         if self._pubsub is not None:
@@ -193,6 +199,9 @@ class Relay:
         room, what = target
         if what == "s":
             self.wake(room)
+        elif what == "ev":
+            data = message["data"]
+            self._registry.deliver_ephemeral(room, data if isinstance(data, bytes) else str(data).encode())
         else:
             task: asyncio.Task[None] = asyncio.ensure_future(self._on_acl_change(room))
             self._acl_tasks.add(task)

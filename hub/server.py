@@ -18,12 +18,15 @@ from websockets.http11 import Request, Response
 
 from hub.auth import TokenVerifier
 from hub.errors import AuthError
+from hub.logs import protect_logger
 from hub.session import HubConnection
 
 if TYPE_CHECKING:
     from hub.app import App
 
 log = logging.getLogger("hub.server")
+# websockets logs request lines and headers at DEBUG: they carry the token.
+protect_logger("websockets.server")
 
 WS_PATH = "/ws/connect"
 
