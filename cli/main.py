@@ -21,14 +21,14 @@ from hub.errors import HubError
 DEV_SECRET_FILE = Path(".hub-data/dev-secret")
 
 
-def _config(ctx: click.Context, overrides: dict[str, Any] | None = None) -> Config:
+def _config(ctx: click.Context, overrides: dict[str, Any] | None = None, *, require_auth: bool = True) -> Config:
     path = ctx.obj["config_path"]
     overrides = dict(overrides or {})
     if ctx.obj["dev"]:
         overrides.setdefault("auth.secret", _dev_secret())
         overrides.setdefault("auth.algorithm", "HS256")
     try:
-        return load_config(path, os.environ, overrides)
+        return load_config(path, os.environ, overrides, require_auth=require_auth)
     except HubError as exc:
         raise click.ClickException(exc.message) from None
 
@@ -80,7 +80,7 @@ def serve(ctx: click.Context, host: str | None, port: int | None, workers: int, 
     if workers > 1:
         if config.redis.embedded == "always":
             raise click.ClickException("--workers needs a shared Redis; --embedded runs one per process")
-        sys.exit(_run_workers(ctx, workers))
+        sys.exit(_run_workers(config, workers))
     from hub.logs import setup_logging
 
     setup_logging(config.logging.level)
@@ -118,8 +118,27 @@ def _run_node(config: Config, reuse_port: bool) -> None:
         raise click.ClickException(f"cannot start: {exc}") from None
 
 
-def _run_workers(ctx: click.Context, workers: int) -> int:
-    """Run ``workers`` node processes on one port (SO_REUSEPORT); forward SIGTERM/SIGINT to them."""
+def _run_workers(config: Config, workers: int) -> int:
+    """Run ``workers`` node processes on one port (SO_REUSEPORT); forward SIGTERM/SIGINT to them.
+
+    When the embedded Redis is due (nothing configured, nothing answering), the parent starts one and
+    every worker shares it."""
+    from hub.embedded import EmbeddedRedis, redis_answers
+
+    embedded: EmbeddedRedis | None = None
+    env = dict(os.environ)
+    if config.redis.embedded == "auto" and not config.redis_url_explicit and not redis_answers(config.redis.url):
+        embedded = EmbeddedRedis(config.redis.embedded_dir)
+        env["REDIS_URL"] = embedded.start()
+        click.echo(f"no Redis answers at {config.redis.url}: workers share an embedded Redis", err=True)
+    try:
+        return _spawn_workers(workers, env)
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+def _spawn_workers(workers: int, env: dict[str, str]) -> int:
     argv = [a for a in sys.argv[1:]]
     cleaned: list[str] = []
     skip = False
@@ -133,7 +152,7 @@ def _run_workers(ctx: click.Context, workers: int) -> int:
         if arg.startswith("--workers="):
             continue
         cleaned.append(arg)
-    children = [subprocess.Popen([sys.executable, "-m", "cli.main", *cleaned, "--reuse-port"])
+    children = [subprocess.Popen([sys.executable, "-m", "cli.main", *cleaned, "--reuse-port"], env=env)
                 for _ in range(workers)]
 
     def forward(signum: int, _frame: Any) -> None:
@@ -213,7 +232,7 @@ def _run(coro: Any) -> Any:
 def grant(ctx: click.Context, room: str, user_ids: tuple[str, ...]) -> None:
     """Let USER_IDS read and write ROOM (order, quote and support rooms)."""
     name = _room(room)
-    added = _run(_with_streams(_config(ctx), lambda s: s.grant(name, list(user_ids))))
+    added = _run(_with_streams(_config(ctx, require_auth=False), lambda s: s.grant(name, list(user_ids))))
     click.echo(f"granted {name} to {added} new user(s)")
 
 
@@ -224,7 +243,7 @@ def grant(ctx: click.Context, room: str, user_ids: tuple[str, ...]) -> None:
 def revoke(ctx: click.Context, room: str, user_ids: tuple[str, ...]) -> None:
     """Remove USER_IDS' grant on ROOM; connected members are removed within a second."""
     name = _room(room)
-    removed = _run(_with_streams(_config(ctx), lambda s: s.revoke(name, list(user_ids))))
+    removed = _run(_with_streams(_config(ctx, require_auth=False), lambda s: s.revoke(name, list(user_ids))))
     click.echo(f"revoked {name} from {removed} user(s)")
 
 
@@ -262,7 +281,7 @@ def publish(ctx: click.Context, room: str, event_type: str, content: str | None,
         if not isinstance(parsed, dict):
             raise click.BadParameter("--data must be a JSON object")
         fields += ["data", orjson.dumps(parsed)]
-    stream_id = _run(_with_streams(_config(ctx), lambda s: s.append(name, fields)))
+    stream_id = _run(_with_streams(_config(ctx, require_auth=False), lambda s: s.append(name, fields)))
     click.echo(stream_id)
 
 

@@ -36,8 +36,9 @@ from hub.streams import Publisher, Streams
 
 log = logging.getLogger("hub.app")
 
-# Keyspace notification classes the relay needs: K (keyspace channel), t (stream), s (set: grants).
-REQUIRED_KEYSPACE_FLAGS = "Kst"
+# Keyspace notification classes the relay needs: K (keyspace channel), t (stream), s (set: grants),
+# g (generic: DEL of a grant set or a stream).
+REQUIRED_KEYSPACE_FLAGS = "Kgst"
 
 
 def make_node_id() -> str:
@@ -46,9 +47,10 @@ def make_node_id() -> str:
 
 
 async def connect_redis(url: str) -> Redis:
-    redis = Redis.from_url(url, decode_responses=False, health_check_interval=0,
-                           socket_connect_timeout=5, socket_keepalive=True)
-    return redis
+    options: dict[str, Any] = {"decode_responses": False, "socket_connect_timeout": 5}
+    if not url.startswith("unix://"):
+        options["socket_keepalive"] = True  # TCP only: redis-py refuses it on Unix sockets
+    return Redis.from_url(url, **options)
 
 
 async def ensure_keyspace_events(redis: Redis, allowed_to_configure: bool) -> bool:
@@ -265,8 +267,14 @@ class App:
 
 
 def _origins(allowed: tuple[str, ...]) -> list[Origin | None] | None:
-    """websockets' origin check: exact values; an empty allowlist admits any origin."""
-    return [Origin(value) for value in allowed] if allowed else None
+    """websockets' origin check: exact values; an empty allowlist admits any origin.
+
+    A request without an Origin header is always admitted: browsers always send one, so the
+    allowlist still stops cross-site pages, while backends and native apps (which send none) pass.
+    """
+    if not allowed:
+        return None
+    return [*(Origin(value) for value in allowed), None]
 
 
 def _redact_url(url: str) -> str:

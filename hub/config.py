@@ -153,14 +153,6 @@ class Config:
         _check(self.auth.algorithm in ("HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256",
                                        "ES384", "ES512", "EdDSA"),
                "auth.algorithm", "must be one of HS256/384/512, RS256/384/512, ES256/384/512, EdDSA")
-        if self.auth.algorithm.startswith("HS"):
-            _check(len(self.auth.secret) >= 32, "auth.secret",
-                   "must be set (JWT_SECRET) and at least 32 characters for HS* algorithms")
-        else:
-            _check(bool(self.auth.public_key_file), "auth.public_key_file",
-                   f"must be set (JWT_PUBLIC_KEY_FILE) for {self.auth.algorithm}")
-            _check(Path(self.auth.public_key_file).is_file(), "auth.public_key_file",
-                   f"file not found: {self.auth.public_key_file}")
         _check(self.auth.leeway_s >= 0, "auth.leeway_s", "must not be negative")
         _check(16 <= self.rooms.max_name_length <= 1024, "rooms.max_name_length", "must be 16..1024")
         _check(self.rooms.max_replay > 0, "rooms.max_replay", "must be positive")
@@ -174,6 +166,18 @@ class Config:
                "must be positive and below relay.node_ttl_s")
         _check(self.logging.level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "logging.level",
                "must be DEBUG, INFO, WARNING or ERROR")
+        return self
+
+    def check_auth(self) -> Config:
+        """The key material a node needs to verify tokens (not needed by grant/publish commands)."""
+        if self.auth.algorithm.startswith("HS"):
+            _check(len(self.auth.secret) >= 32, "auth.secret",
+                   "must be set (JWT_SECRET) and at least 32 characters for HS* algorithms")
+        else:
+            _check(bool(self.auth.public_key_file), "auth.public_key_file",
+                   f"must be set (JWT_PUBLIC_KEY_FILE) for {self.auth.algorithm}")
+            _check(Path(self.auth.public_key_file).is_file(), "auth.public_key_file",
+                   f"file not found: {self.auth.public_key_file}")
         return self
 
 
@@ -199,10 +203,11 @@ LEGACY_ENV: dict[str, str] = {
 
 
 def load_config(path: str | Path | None, environ: Mapping[str, str],
-                overrides: Mapping[str, Any] | None = None) -> Config:
+                overrides: Mapping[str, Any] | None = None, *, require_auth: bool = True) -> Config:
     """Build the configuration: defaults < YAML file < HUB_SECTION_KEY < legacy env names < overrides.
 
-    ``overrides`` maps dotted keys to values (command-line flags such as ``--port``).
+    ``overrides`` maps dotted keys to values (command-line flags such as ``--port``). With
+    ``require_auth`` (the default), the JWT key material must be configured too.
     """
     raw: dict[str, dict[str, Any]] = {}
     if path is not None:
@@ -247,7 +252,8 @@ def load_config(path: str | Path | None, environ: Mapping[str, str],
     sections: dict[str, Any] = {}
     for section, cls in _SECTIONS.items():
         sections[section] = _build_section(section, cls, raw.get(section, {}))
-    return Config(**sections, redis_url_explicit=redis_url_explicit).validate()
+    config = Config(**sections, redis_url_explicit=redis_url_explicit).validate()
+    return config.check_auth() if require_auth else config
 
 
 _SECTIONS: dict[str, type] = {

@@ -28,6 +28,17 @@ def redis_server_binary() -> str:
     return binary
 
 
+def redis_answers(url: str, timeout_s: float = 1.0) -> bool:
+    """Whether a Redis answers PING at ``url``."""
+    client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+    try:
+        return bool(client.ping())
+    except (redis.RedisError, OSError):
+        return False
+    finally:
+        client.close()
+
+
 class EmbeddedRedis:
     def __init__(self, data_dir: str | os.PathLike[str]) -> None:
         self.data_dir = Path(data_dir).resolve()
@@ -53,7 +64,7 @@ class EmbeddedRedis:
             "--appendonly", "yes",
             "--appendfsync", "everysec",
             "--save", "",
-            "--notify-keyspace-events", "Kst",
+            "--notify-keyspace-events", "Kgst",
             "--logfile", str(self.data_dir / "redis.log"),
         ]
         self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,

@@ -25,11 +25,13 @@ from hub.protocol import (
     JoinRoom,
     LeaveRoom,
     Ping,
+    StreamId,
     SubscribeUpdates,
     Typing,
     chat_entry_fields,
     entry_to_delivery,
     format_stream_id,
+    iso_ms,
     parse_client_frame,
 )
 from hub.registry import Membership, Registry
@@ -39,6 +41,18 @@ from hub.session import Session
 from hub.streams import Entry, Publisher, PublishResult, Streams
 
 log = logging.getLogger("hub.node")
+
+
+@dataclass(frozen=True)
+class CatchUp:
+    epoch: str
+    last_id: StreamId  # the position the member is live from: replay and live never overlap past it
+    recovered: bool
+    replay: list[Delivery]
+
+    def frame(self, room: str) -> dict[str, Any]:
+        return {"type": "room_joined", "room": room, "epoch": self.epoch, "last_id": format_stream_id(self.last_id),
+                "recovered": self.recovered, "messages": [d.frame for d in self.replay]}
 
 
 @dataclass
@@ -129,7 +143,7 @@ class Node:
             except RedisError as exc:
                 raise Unavailable("Redis unavailable; typing indicator not sent") from exc
         elif isinstance(frame, Ping):
-            session.send(_with_request_id({"type": "pong", "server_time": _now_ms()}, env))
+            session.send(_with_request_id({"type": "pong", "server_time": iso_ms(_now_ms())}, env))
         else:  # pragma: no cover - parse_client_frame only returns the types above
             raise InvalidFrame("unsupported frame")
 
@@ -148,31 +162,16 @@ class Node:
         await self._check_read(room, session)
         existing = self.registry.membership(room.name, session)
         if existing is not None and existing.joined:
-            position = await self.streams.open_room(room.name)
-            session.send(_with_request_id({
-                "type": "room_joined", "room": room.name, "epoch": position.epoch,
-                "last_id": format_stream_id(position.last_id), "recovered": False, "messages": [],
-                "already_joined": True,
-            }, env))
+            # Already live in this room: answer the catch-up question again. Messages already
+            # delivered on this connection may repeat in the replay (same ids).
+            catch_up = await self._catch_up(room.name, frame)
+            session.send(_with_request_id(catch_up.frame(room.name) | {"already_joined": True}, env))
             return
         member = await self._attach(room.name, session, buffering=True)
         was_updates_only = member.updates
         member.joined = True
         try:
-            position = await self.streams.open_room(room.name)
-            recovered = False
-            entries: list[Entry] = []
-            if frame.since is not None:
-                since = frame.since
-                if (since.epoch == position.epoch and position.min_id <= since.last_id <= position.last_id):
-                    limit = self.config.rooms.max_replay
-                    entries = await self.streams.read_after(room.name, since.last_id, limit + 1)
-                    if len(entries) > limit:
-                        entries = []  # too much to replay: fetch history instead
-                    else:
-                        recovered = True
-            elif frame.history:
-                entries = await self.streams.read_latest(room.name, frame.history)
+            catch_up = await self._catch_up(room.name, frame)
         except BaseException:
             if was_updates_only:
                 member.joined = False
@@ -182,23 +181,29 @@ class Node:
             raise
         if session.closing or self.registry.membership(room.name, session) is not member:
             return  # the client went away (or was removed) while we read
-        replay: list[Delivery] = []
-        for entry_id, fields in entries:
-            delivery = entry_to_delivery(room.name, entry_id, fields)
-            if delivery is not None:
-                replay.append(delivery)
-        last = position.last_id
-        if replay:
-            last = max(last, replay[-1].entry_id)
-        session.send(_with_request_id({
-            "type": "room_joined",
-            "room": room.name,
-            "epoch": position.epoch,
-            "last_id": format_stream_id(last),
-            "recovered": recovered,
-            "messages": [d.frame for d in replay],
-        }, env))
-        self.registry.go_live(member, last, {d.entry_id for d in replay} if was_updates_only else None)
+        session.send(_with_request_id(catch_up.frame(room.name), env))
+        replayed = {d.entry_id for d in catch_up.replay} if was_updates_only else None
+        self.registry.go_live(member, catch_up.last_id, replayed)
+
+    async def _catch_up(self, room: str, frame: JoinRoom) -> CatchUp:
+        """What a join replays: everything after ``since`` when the stream still holds it all (same
+        epoch, nothing trimmed past it, not too much), or the newest ``history`` entries."""
+        position = await self.streams.open_room(room)
+        recovered = False
+        entries: list[Entry] = []
+        since = frame.since
+        if since is not None and position.can_resume_after(since.epoch, since.last_id):
+            limit = self.config.rooms.max_replay
+            entries = await self.streams.read_after(room, since.last_id, limit + 1)
+            if len(entries) > limit:
+                entries = []  # too much to replay: the client fetches history instead
+            else:
+                recovered = True
+        elif since is None and frame.history:
+            entries = await self.streams.read_latest(room, frame.history)
+        replay = [d for d in (entry_to_delivery(room, eid, fields) for eid, fields in entries) if d is not None]
+        last = max(position.last_id, replay[-1].entry_id) if replay else position.last_id
+        return CatchUp(position.epoch, last, recovered, replay)
 
     async def _attach(self, room: str, session: Session, *, buffering: bool) -> Membership:
         """Add the session to ``room`` and make sure the relay reads it. With ``buffering``, live
@@ -290,7 +295,8 @@ class Node:
             if exc is not None:
                 err = exc if isinstance(exc, ClientError) else Unavailable("publish failed")
                 err.request_type, err.request_id = "chat_message", request_id
-                session.send_error(err, room=room.name, client_msg_id=msg.client_msg_id)
+                extra = {"client_msg_id": msg.client_msg_id} if msg.client_msg_id is not None else {}
+                session.send_error(err, room=room.name, **extra)
                 return
             result = fut.result()
             self.metrics.messages_published += 0 if result.duplicate else 1

@@ -59,7 +59,10 @@ class Outbox:
         self._scheduled = False
         dirty, self._dirty = self._dirty, []
         for session in dirty:
-            session.flush()
+            try:
+                session.flush()
+            except Exception:  # one broken transport must not stop the others' writes
+                log.exception("flush failed for %s", session.id)
 
 
 class Session:

@@ -34,8 +34,22 @@ def new_epoch() -> str:
 @dataclass(frozen=True)
 class RoomPosition:
     epoch: str
-    min_id: StreamId  # entries below may have been trimmed
+    min_id: StreamId  # entries below may have been trimmed (the archiver's watermark)
+    first_id: StreamId  # oldest entry still in the stream, (0, 0) when empty
     last_id: StreamId  # newest entry, (0, 0) when empty
+
+    def can_resume_after(self, epoch: str, last_id: StreamId) -> bool:
+        """Whether every entry after ``last_id`` is still in the stream.
+
+        Trimming only removes the oldest entries, so a position at or after the first entry is
+        whole. An older position is whole only if nothing was ever trimmed past it: the watermark
+        says so for our own trimming, and a client's own last entry having vanished says a backend
+        trimmed (a position of 0-0, from joining an empty room, has no entry of its own)."""
+        if epoch != self.epoch or not (self.min_id <= last_id <= self.last_id):
+            return False
+        if self.first_id == (0, 0) or last_id >= self.first_id:
+            return True
+        return last_id == (0, 0)
 
 
 class Streams:
@@ -49,11 +63,11 @@ class Streams:
     async def open_room(self, room: str) -> RoomPosition:
         """The room's epoch (created if new), trim watermark and newest id."""
         try:
-            epoch, min_id, last_id = await self.scripts.call(
+            epoch, min_id, first_id, last_id = await self.scripts.call(
                 "room_open", [self.keys.stream(room), self.keys.meta(room)], [new_epoch()])
         except RedisError as exc:
             raise Unavailable(f"Redis unavailable: {type(exc).__name__}") from exc
-        return RoomPosition(epoch.decode(), _sid(min_id), _sid(last_id))
+        return RoomPosition(epoch.decode(), _sid(min_id), _sid(first_id), _sid(last_id))
 
     async def read_after(self, room: str, after: StreamId, count: int) -> list[Entry]:
         """Entries with id > ``after``, oldest first, at most ``count``."""
@@ -185,7 +199,12 @@ class Publisher:
                     req.future.set_result(PublishResult(sid.decode(), epoch.decode(), bool(duplicate)))
             if not retry:
                 return
-            await scripts.load()
+            try:
+                await scripts.load()
+            except RedisError:
+                for req in retry:
+                    req.future.set_exception(Unavailable("Redis unavailable; nothing was stored"))
+                return
             batch = retry
 
 

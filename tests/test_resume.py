@@ -126,3 +126,30 @@ async def test_retried_client_msg_id_is_stored_once(node: App, redis_client: Red
     second = await client.say(ROOM, "once", client_msg_id="abc-1")
     assert second["id"] == first["id"] and second.get("duplicate") is True
     assert await redis_client.xlen(Keys(prefix).stream(ROOM)) == 1
+
+
+async def test_backend_trim_past_the_position_is_detected(node: App, redis_client: Redis, prefix: str) -> None:
+    """If someone trims the stream (XTRIM MAXLEN) past a client's position, resume says
+    recovered false rather than silently skipping the trimmed messages."""
+    client = await connect(url_of(node), "1")
+    joined = await client.join(ROOM)
+    ids = [(await client.say(ROOM, f"t{i}"))["id"] for i in range(5)]
+    await client.send({"type": "leave_room", "room": ROOM})
+    await client.expect("room_left", room=ROOM)
+    await redis_client.xtrim(Keys(prefix).stream(ROOM), maxlen=2, approximate=False)
+    lost = await client.join(ROOM, since={"epoch": joined["epoch"], "last_id": ids[1]})
+    assert lost["recovered"] is False and lost["messages"] == []
+    await client.send({"type": "leave_room", "room": ROOM})
+    await client.expect("room_left", room=ROOM)
+    kept = await client.join(ROOM, since={"epoch": joined["epoch"], "last_id": ids[3]})
+    assert kept["recovered"] is True and [m["id"] for m in kept["messages"]] == ids[4:]
+
+
+async def test_join_again_while_joined_answers_the_resume(node: App) -> None:
+    """A join_room with since for a room the connection is already in replays what follows since."""
+    client = await connect(url_of(node), "1")
+    joined = await client.join(ROOM)
+    ids = [(await client.say(ROOM, f"j{i}"))["id"] for i in range(3)]
+    again = await client.join(ROOM, since={"epoch": joined["epoch"], "last_id": ids[0]})
+    assert again["already_joined"] is True and again["recovered"] is True
+    assert [m["id"] for m in again["messages"]] == ids[1:]
