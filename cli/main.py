@@ -285,6 +285,98 @@ def publish(ctx: click.Context, room: str, event_type: str, content: str | None,
     click.echo(stream_id)
 
 
+# ---------------------------------------------------------------------- PostgreSQL and the archiver
+
+
+@cli.command()
+@click.pass_context
+def migrate(ctx: click.Context) -> None:
+    """Create or upgrade the PostgreSQL schema (idempotent)."""
+    config = _config(ctx, require_auth=False)
+
+    async def run() -> list[str]:
+        from consumers.schema import migrate as apply
+
+        conn = await _pg_connect(config)
+        try:
+            return [f"{m.version:04d}_{m.name}" for m in await apply(conn)]
+        finally:
+            await conn.close()
+
+    applied = _run_pg(run())
+    click.echo(f"applied {', '.join(applied)}" if applied else "schema is current")
+
+
+async def _pg_connect(config: Config) -> Any:
+    import asyncpg
+
+    schema = config.postgres.schema
+    conn = await asyncpg.connect(config.postgres.url, timeout=10, server_settings={"search_path": schema})
+    await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+    return conn
+
+
+def _run_pg(coro: Any) -> Any:
+    import asyncpg
+
+    try:
+        return asyncio.run(coro)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise click.ClickException(f"PostgreSQL: {exc}") from None
+
+
+@cli.command()
+@click.option("--burst", is_flag=True, help="Archive what is pending, print the counts, exit.")
+@click.option("--name", default=None, help="Consumer name (stable across restarts; default: host name).")
+@click.pass_context
+def archiver(ctx: click.Context, burst: bool, name: str | None) -> None:
+    """Archive every room stream into PostgreSQL (several may run at once)."""
+    overrides = {"archiver.name": name} if name else {}
+    config = _config(ctx, overrides, require_auth=False)
+    from hub.logs import setup_logging
+
+    setup_logging(config.logging.level)
+
+    async def run() -> Any:
+        from redis.asyncio import Redis
+
+        from consumers.archiver import Archiver
+        from consumers.schema import is_current
+        from hub.keys import Keys
+
+        conn = await _pg_connect(config)
+        try:
+            if not await is_current(conn):
+                raise click.ClickException("the schema is not current: run hubctl migrate")
+        finally:
+            await conn.close()
+        redis = Redis.from_url(config.redis.url, decode_responses=False, socket_connect_timeout=5)
+        db = int(redis.connection_pool.connection_kwargs.get("db", 0) or 0)
+        worker = Archiver(redis, Keys(config.redis.key_prefix, db), config.postgres, config.archiver)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await worker.start()
+            print(f"archiver {worker.consumer} ready", flush=True)
+            task = asyncio.ensure_future(worker.run(burst=burst))
+            stopper = asyncio.ensure_future(stop.wait())
+            await asyncio.wait([task, stopper], return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            if not task.done():
+                task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            return worker.stats
+        finally:
+            await worker.close()
+            await redis.aclose()
+
+    stats = _run_pg(run())
+    click.echo(f"rows written: {stats.rows_written}, entries acked: {stats.entries_acked}, "
+               f"dead-lettered: {stats.dead_lettered}")
+
+
 def main() -> None:
     cli(prog_name="hubctl")
 

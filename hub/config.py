@@ -68,6 +68,37 @@ class RedisConfig:
 @dataclass(frozen=True)
 class PostgresConfig:
     url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
+    # Schema holding the hub's tables (search_path of every connection).
+    schema: str = "public"
+    # Statement timeout for queries answering users (history, search).
+    statement_timeout_ms: int = 5000
+
+
+@dataclass(frozen=True)
+class ArchiverConfig:
+    # A batch is written when it holds this many entries...
+    batch_max_rows: int = 500
+    # ...or when its oldest entry has waited this long.
+    batch_max_age_ms: int = 200
+    # Entries read per room per XREADGROUP call.
+    read_count: int = 500
+    # Entries pending this long with another (dead) archiver are claimed (XAUTOCLAIM).
+    claim_idle_ms: int = 30_000
+    # How often known rooms are checked for entries to claim, and re-read as a safety net.
+    sweep_interval_s: float = 30.0
+    # Larger entries are dead-lettered instead of stored.
+    max_entry_bytes: int = 262_144
+    # Entries stay in Redis at least this long after they were archived (resume window).
+    hot_window_s: int = 3600
+    # How often rooms that received entries are trimmed below what was archived.
+    trim_interval_s: float = 60.0
+    # Longest wait between retries while PostgreSQL is unreachable.
+    max_retry_delay_s: float = 5.0
+    # Consumer name in the archiver group; stable across restarts so a restarted archiver re-reads
+    # what it had in flight. Empty: derived from the host name.
+    name: str = ""
+    # Test-only fault injection: exit abruptly after the first commit, before XACK.
+    crash_after_commit: bool = False
 
 
 @dataclass(frozen=True)
@@ -126,6 +157,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
     postgres: PostgresConfig = field(default_factory=PostgresConfig)
+    archiver: ArchiverConfig = field(default_factory=ArchiverConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     rooms: RoomsConfig = field(default_factory=RoomsConfig)
     relay: RelayConfig = field(default_factory=RelayConfig)
@@ -159,6 +191,15 @@ class Config:
         _check(self.rooms.max_join_history >= 0, "rooms.max_join_history", "must not be negative")
         _check(500 <= self.rooms.typing_ttl_ms <= 60_000, "rooms.typing_ttl_ms", "must be 500..60000")
         _check(self.rooms.idempotency_ttl_s > 0, "rooms.idempotency_ttl_s", "must be positive")
+        _check(self.postgres.url.startswith(("postgresql://", "postgres://")), "postgres.url",
+               "must start with postgresql://")
+        _check(self.postgres.schema.isidentifier(), "postgres.schema", "must be a plain identifier")
+        _check(self.postgres.statement_timeout_ms > 0, "postgres.statement_timeout_ms", "must be positive")
+        for name in ("batch_max_rows", "batch_max_age_ms", "read_count", "claim_idle_ms", "max_entry_bytes",
+                     "hot_window_s"):
+            _check(getattr(self.archiver, name) > 0, f"archiver.{name}", "must be positive")
+        for name in ("sweep_interval_s", "trim_interval_s", "max_retry_delay_s"):
+            _check(getattr(self.archiver, name) > 0, f"archiver.{name}", "must be positive")
         _check(self.relay.read_count > 0, "relay.read_count", "must be positive")
         _check(self.relay.streams_per_read > 0, "relay.streams_per_read", "must be positive")
         _check(self.relay.sweep_interval_s > 0, "relay.sweep_interval_s", "must be positive")
@@ -260,6 +301,7 @@ _SECTIONS: dict[str, type] = {
     "server": ServerConfig,
     "redis": RedisConfig,
     "postgres": PostgresConfig,
+    "archiver": ArchiverConfig,
     "auth": AuthConfig,
     "rooms": RoomsConfig,
     "relay": RelayConfig,

@@ -40,6 +40,19 @@ class Keys:
         """Pub/sub channel for the room's ephemeral events (typing), never stored."""
         return f"{self.prefix}{{{room}}}:ev"
 
+    def read_receipts(self, room: str) -> str:
+        """Hash: user id -> newest stream id that user has read in the room."""
+        return f"{self.prefix}{{{room}}}:read"
+
+    # --- consumers ---------------------------------------------------------------------------
+    def dead_letters(self, consumer: str) -> str:
+        """Stream of entries ``consumer`` could not process, with the reason."""
+        return f"{self.prefix}dlq:{consumer}"
+
+    def keyspace_stream_pattern(self) -> str:
+        """PSUBSCRIBE pattern for every room stream's keyspace channel (the archiver wants them all)."""
+        return f"__keyspace@{self.db}__:{self.prefix}{{*}}:s"
+
     # --- per node ----------------------------------------------------------------------------
     def node(self, node_id: str) -> str:
         """Hash with the node's facts (version, started_at, connections); expires unless refreshed."""

@@ -22,6 +22,7 @@ from hub.config import Config, load_config
 from tests.helpers import Client, connect, mint
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+PG_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 SECRET = "test-secret-0123456789abcdef0123456789abcdef"
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,12 +44,43 @@ def prefix() -> Iterator[str]:
 def hub_env(prefix: str, **extra: str) -> dict[str, str]:
     env = {
         "REDIS_URL": REDIS_URL,
+        "DATABASE_URL": PG_URL,
         "JWT_SECRET": SECRET,
         "HUB_REDIS_KEY_PREFIX": prefix,
         "HUB_REDIS_EMBEDDED": "never",
     }
     env.update(extra)
     return env
+
+
+@pytest.fixture
+async def pg_schema() -> AsyncIterator[str]:
+    """A fresh PostgreSQL schema with the hub's tables (migrated), dropped afterwards."""
+    import asyncpg
+
+    from consumers.schema import migrate
+
+    name = f"t_{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(PG_URL)
+    await admin.execute(f'CREATE SCHEMA "{name}"')
+    conn = await asyncpg.connect(PG_URL, server_settings={"search_path": name})
+    try:
+        await migrate(conn)
+    finally:
+        await conn.close()
+    yield name
+    await admin.execute(f'DROP SCHEMA "{name}" CASCADE')
+    await admin.close()
+
+
+@pytest.fixture
+async def pg(pg_schema: str) -> AsyncIterator[Any]:
+    """A connection whose search_path is the test's schema."""
+    import asyncpg
+
+    conn = await asyncpg.connect(PG_URL, server_settings={"search_path": pg_schema})
+    yield conn
+    await conn.close()
 
 
 def make_config(prefix: str, **overrides: Any) -> Config:

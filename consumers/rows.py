@@ -1,0 +1,83 @@
+"""Stream entries -> message rows (pure). An entry that cannot become a row gets a reason instead,
+so the archiver can dead-letter it without blocking its batch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from hub.protocol import CLIENT_MESSAGE_TYPES, EVENT_TYPES, parse_stream_id
+
+# Column order of messages_staging for COPY.
+COLUMNS = ("room", "epoch", "stream_ms", "stream_seq", "stream_ts", "type", "sender_id", "content",
+           "message_type", "client_msg_id", "metadata", "data", "created_at")
+
+
+@dataclass(frozen=True)
+class Poison:
+    reason: str
+
+
+Row = tuple[Any, ...]
+
+
+def entry_to_row(room: str, epoch: str, entry_id: bytes, fields: dict[bytes, bytes],
+                 max_entry_bytes: int) -> Row | Poison:
+    """The ``messages`` row for one stream entry, or why it cannot be stored."""
+    try:
+        ms, seq = parse_stream_id(entry_id.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        return Poison("malformed stream id")
+    size = sum(len(k) + len(v) for k, v in fields.items())
+    if size > max_entry_bytes:
+        return Poison(f"entry is {size} bytes, over archiver.max_entry_bytes={max_entry_bytes}")
+    text: dict[str, str] = {}
+    for key, value in fields.items():
+        try:
+            name, decoded = key.decode("utf-8"), value.decode("utf-8")
+        except UnicodeDecodeError:
+            return Poison(f"field {key[:40]!r} is not valid UTF-8")
+        if "\x00" in decoded or "\x00" in name:
+            return Poison(f"field {name[:40]!r} contains a NUL byte")
+        text[name] = decoded
+    etype = text.get("type") or "chat_message"
+    if etype != "chat_message" and etype not in EVENT_TYPES:
+        return Poison(f"unknown type {etype[:40]!r}")
+    content = text.get("content")
+    if etype == "chat_message" and content is None:
+        return Poison("chat_message without content")
+    message_type = text.get("message_type")
+    if message_type is not None and message_type not in CLIENT_MESSAGE_TYPES:
+        return Poison(f"unknown message_type {message_type[:40]!r}")
+    metadata = _json_object(text.get("metadata"))
+    if isinstance(metadata, Poison):
+        return Poison(f"metadata: {metadata.reason}")
+    data = _json_object(text.get("data"))
+    if isinstance(data, Poison):
+        return Poison(f"data: {data.reason}")
+    stream_ts = datetime.fromtimestamp(ms / 1000, tz=UTC)
+    created_at = stream_ts
+    created_text = text.get("created_at")
+    if created_text is not None and created_text.isdigit() and len(created_text) <= 15:
+        created_at = datetime.fromtimestamp(int(created_text) / 1000, tz=UTC)
+    return (room, epoch, ms, seq, stream_ts, etype, text.get("sender_id"), content,
+            (message_type or "text") if etype == "chat_message" else message_type,
+            text.get("client_msg_id"), metadata, data, created_at)
+
+
+def _json_object(value: str | None) -> str | Poison | None:
+    """The JSON text for a jsonb column (validated as an object), None when absent."""
+    if value is None:
+        return None
+    try:
+        parsed = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return Poison("not valid JSON")
+    if not isinstance(parsed, dict):
+        return Poison("not a JSON object")
+    if "\\u0000" in value:
+        return Poison("contains a NUL character")
+    return value
