@@ -102,6 +102,10 @@ class Node:
             self._count_error(exc)
             session.send_error(exc)
             return
+        except Exception:
+            log.exception("internal error parsing a frame")
+            session.send_error(ClientError("internal error; the connection stays open", code="internal_error"))
+            return
         try:
             await self._dispatch(session, envelope)
         except ClientError as exc:

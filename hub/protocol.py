@@ -178,7 +178,10 @@ def _chat(obj: dict[str, Any], max_content: int, _max_history: int) -> ChatMessa
     if metadata is not None:
         if not isinstance(metadata, dict):
             raise InvalidMessage("metadata must be a JSON object")
-        meta_bytes = orjson.dumps(metadata)
+        try:
+            meta_bytes = orjson.dumps(metadata)
+        except orjson.JSONEncodeError:  # orjson reads 1024 levels but writes only ~255
+            raise InvalidMessage("metadata is nested too deeply") from None
         if len(meta_bytes) > MAX_METADATA_BYTES:
             raise InvalidMessage(f"metadata is larger than {MAX_METADATA_BYTES} bytes")
     return ChatMessage(obj.get("room"), content, message_type, cmid, meta_bytes)
