@@ -105,8 +105,9 @@ def _run_node(config: Config, reuse_port: bool) -> None:
         except BaseException:
             await app.stop()
             raise
-        print(f"streamhub node {app.node_id} ready on ws://{config.server.host}:{app.port}/ws/connect",
-              flush=True)
+        # One write: with --workers, several processes share this stdout and lines must not interleave.
+        line = f"streamhub node {app.node_id} ready on ws://{config.server.host}:{app.port}/ws/connect\n"
+        os.write(sys.stdout.fileno(), line.encode())
         await stop.wait()
         await app.stop()
 
@@ -173,15 +174,18 @@ def _spawn_workers(workers: int, env: dict[str, str]) -> int:
 @click.argument("user_id")
 @click.option("--role", "roles", multiple=True, help="Role claim (customer, manufacturer, support, admin).")
 @click.option("--room", "rooms", multiple=True, help="Room to grant inside the token (signed claim).")
-@click.option("--ttl", "ttl_s", type=int, default=3600, show_default=True, help="Lifetime in seconds.")
+@click.option("--ttl", "ttl_s", type=click.IntRange(min=1), default=3600, show_default=True,
+              help="Lifetime in seconds.")
 @click.option("--private-key", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Private key for RS*/ES* algorithms.")
 @click.pass_context
 def token(ctx: click.Context, user_id: str, roles: tuple[str, ...], rooms: tuple[str, ...], ttl_s: int,
           private_key: str | None) -> None:
     """Mint a JWT this hub accepts (development and testing)."""
-    from hub.auth import mint_token
+    from hub.auth import is_valid_user_id, mint_token
 
+    if not is_valid_user_id(user_id):
+        raise click.BadParameter("user ids are 1-128 of A-Z a-z 0-9 _ . @ : -", param_hint="USER_ID")
     config = _config(ctx)
     key = Path(private_key).read_text(encoding="utf-8") if private_key else None
     try:

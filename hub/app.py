@@ -16,6 +16,8 @@ import time
 from http import HTTPStatus
 from typing import Any
 
+import asyncpg
+from aiohttp import web
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from websockets.asyncio.server import Server, serve
@@ -23,10 +25,12 @@ from websockets.http11 import Response
 from websockets.typing import Origin
 
 from hub import __version__
+from hub.api import Api
 from hub.auth import TokenVerifier
 from hub.config import Config
 from hub.embedded import EmbeddedRedis
 from hub.errors import CloseCode, HubError
+from hub.http_api import build_api_app
 from hub.keys import Keys
 from hub.lua import Scripts
 from hub.node import Node
@@ -88,6 +92,12 @@ class App:
         self.redis: Redis | None = None
         self.node: Node | None = None
         self.server: Server | None = None
+        # REST endpoints; the API port's aiohttp runner (None when server.api_port is -1).
+        self.api: Api | None = None
+        self._api_runner: web.AppRunner | None = None
+        self.api_port: int | None = None
+        # PostgreSQL pool for history and search; None when PostgreSQL is unreachable.
+        self.pool: asyncpg.Pool | None = None
         self.embedded: EmbeddedRedis | None = None
         # Background tasks (publisher, relay, heartbeat, idle reaper); cancelled in stop().
         self._tasks: list[asyncio.Task[Any]] = []
@@ -104,7 +114,9 @@ class App:
         await scripts.load()
         streams = Streams(self.redis, scripts, self.keys)
         publisher = Publisher(streams, self.config.rooms.idempotency_ttl_s)
-        self.node = Node(self.config, self.node_id, streams, publisher, self.keys)
+        self.pool = await self._connect_postgres()
+        self.node = Node(self.config, self.node_id, streams, publisher, self.keys, self.pool)
+        self.api = Api(self.node, self._verifier)
         self.outbox = Outbox(asyncio.get_running_loop())
         await self._heartbeat_once()
         await self.node.relay.start()
@@ -132,8 +144,30 @@ class App:
         )
         sockets = list(self.server.sockets)
         self.port = sockets[0].getsockname()[1] if sockets else server_cfg.port
+        if server_cfg.api_port >= 0:
+            self._api_runner = web.AppRunner(build_api_app(self, self.api), access_log=None)
+            await self._api_runner.setup()
+            site = web.TCPSite(self._api_runner, server_cfg.host, server_cfg.api_port, reuse_port=self.reuse_port)
+            await site.start()
+            server = getattr(site, "_server", None)
+            api_sockets = list(server.sockets) if server is not None else []
+            self.api_port = api_sockets[0].getsockname()[1] if api_sockets else server_cfg.api_port
         log.info("node %s listening on %s:%s (redis %s)", self.node_id, server_cfg.host, self.port,
                  _redact_url(url))
+
+    async def _connect_postgres(self) -> asyncpg.Pool | None:
+        """A small pool for history and search. Without PostgreSQL the hub still runs: history then
+        comes from the Redis window alone (said once, loudly)."""
+        pg = self.config.postgres
+        try:
+            return await asyncpg.create_pool(
+                pg.url, min_size=1, max_size=4, timeout=3, server_settings={
+                    "search_path": pg.schema, "statement_timeout": str(pg.statement_timeout_ms),
+                    "application_name": f"streamhub:{self.node_id}"})
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            log.warning("PostgreSQL unreachable (%s): history is served from the Redis window only, "
+                        "search is off", type(exc).__name__)
+            return None
 
     async def _redis_url(self) -> str:
         cfg = self.config.redis
@@ -235,6 +269,8 @@ class App:
         grace = self.config.server.drain_timeout_s
         if self.server is not None:
             self.server.close(close_connections=False)
+        if self._api_runner is not None:
+            await self._api_runner.cleanup()
         if self.node is not None:
             sessions = list(self.node.registry.sessions)
             for session in sessions:
@@ -255,6 +291,9 @@ class App:
             await self.node.relay.destroy_all_groups()
             await self.node.relay.close()
             await self.node.typing.close()
+            await self.node.receipts.close()
+        if self.pool is not None:
+            await self.pool.close()
         if self.redis is not None:
             try:
                 await self.redis.delete(self.keys.node(self.node_id))

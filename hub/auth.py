@@ -23,6 +23,10 @@ KNOWN_ROLES = frozenset({"customer", "manufacturer", "support", "admin"})
 _USER_ID = re.compile(r"[A-Za-z0-9_.@:-]{1,128}", re.ASCII)
 
 
+def is_valid_user_id(value: str) -> bool:
+    return _USER_ID.fullmatch(value) is not None
+
+
 @dataclass(frozen=True)
 class VerifiedToken:
     principal: Principal

@@ -26,6 +26,9 @@ from hub.errors import ConfigError
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
+    # REST port (aiohttp): every endpoint, including POSTs with a body, which the WebSocket port
+    # cannot read. The WebSocket port answers the GET endpoints too. -1 turns it off.
+    api_port: int = 8001
     # Largest WebSocket frame accepted; bigger frames close the socket with 1009 (websockets).
     max_frame_bytes: int = 1_048_576
     # Largest chat content accepted; bigger ones get error "message_too_large" and nothing is stored.
@@ -168,6 +171,7 @@ class Config:
 
     def validate(self) -> Config:
         _check(self.server.port >= 0 and self.server.port < 65536, "server.port", "must be 0..65535")
+        _check(-1 <= self.server.api_port < 65536, "server.api_port", "must be -1 (off) or 0..65535")
         for name in ("max_frame_bytes", "max_content_bytes", "outbox_limit_bytes", "max_inflight_publishes",
                      "max_connections_per_ip", "message_rate_limit_per_min"):
             _check(getattr(self.server, name) > 0, f"server.{name}", "must be positive")

@@ -44,6 +44,11 @@ class Keys:
         """Hash: user id -> newest stream id that user has read in the room."""
         return f"{self.prefix}{{{room}}}:read"
 
+    # --- per user ------------------------------------------------------------------------------
+    def user_rooms(self, user_id: str) -> str:
+        """Sorted set: rooms the user joined, scored by the last join time (ms)."""
+        return f"{self.prefix}{{user:{user_id}}}:rooms"
+
     # --- consumers ---------------------------------------------------------------------------
     def dead_letters(self, consumer: str) -> str:
         """Stream of entries ``consumer`` could not process, with the reason."""

@@ -38,12 +38,12 @@ def read_scripts(directory: Path = SCRIPTS_DIR) -> dict[str, Script]:
 
 class Scripts:
     def __init__(self, redis: Redis, directory: Path = SCRIPTS_DIR) -> None:
-        self._redis = redis
+        self.redis = redis
         self.by_name = read_scripts(directory)
 
     async def load(self) -> None:
         """SCRIPT LOAD every script (idempotent)."""
-        pipe = self._redis.pipeline(transaction=False)
+        pipe = self.redis.pipeline(transaction=False)
         for script in self.by_name.values():
             pipe.script_load(script.source)
         await pipe.execute()
@@ -51,10 +51,10 @@ class Scripts:
     async def call(self, name: str, keys: list[str], args: list[Any]) -> Any:
         script = self.by_name[name]
         try:
-            return await self._redis.evalsha(script.sha, len(keys), *keys, *args)
+            return await self.redis.evalsha(script.sha, len(keys), *keys, *args)
         except NoScriptError:
             await self.load()
-            return await self._redis.evalsha(script.sha, len(keys), *keys, *args)
+            return await self.redis.evalsha(script.sha, len(keys), *keys, *args)
 
     def call_in(self, pipe: Pipeline, name: str, keys: list[str], args: list[Any]) -> None:
         """Queue an EVALSHA on ``pipe``; a NoScriptError result means: load() and retry."""

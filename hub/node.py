@@ -12,10 +12,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import asyncpg
 from redis.exceptions import RedisError
 
 from hub.config import Config
 from hub.errors import ClientError, Forbidden, InvalidFrame, NotJoined, Unavailable
+from hub.history import History
 from hub.keys import Keys
 from hub.presence import TypingIndicators
 from hub.protocol import (
@@ -24,6 +26,7 @@ from hub.protocol import (
     Envelope,
     JoinRoom,
     LeaveRoom,
+    MarkRead,
     Ping,
     StreamId,
     SubscribeUpdates,
@@ -34,9 +37,10 @@ from hub.protocol import (
     iso_ms,
     parse_client_frame,
 )
+from hub.receipts import Receipts
 from hub.registry import Membership, Registry
 from hub.relay import Relay
-from hub.rooms import AccessRules, Room, check_publish, needs_grant, parse_room
+from hub.rooms import AccessRules, Principal, Room, check_publish, needs_grant, parse_room
 from hub.session import Session
 from hub.streams import Entry, Publisher, PublishResult, Streams
 
@@ -48,11 +52,12 @@ class CatchUp:
     epoch: str
     last_id: StreamId  # the position the member is live from: replay and live never overlap past it
     recovered: bool
-    replay: list[Delivery]
+    replay: list[Delivery]  # from the Redis window
+    archived: list[dict[str, Any]] = field(default_factory=list)  # older, from PostgreSQL, oldest first
 
     def frame(self, room: str) -> dict[str, Any]:
         return {"type": "room_joined", "room": room, "epoch": self.epoch, "last_id": format_stream_id(self.last_id),
-                "recovered": self.recovered, "messages": [d.frame for d in self.replay]}
+                "recovered": self.recovered, "messages": [*self.archived, *(d.frame for d in self.replay)]}
 
 
 @dataclass
@@ -66,7 +71,7 @@ class Metrics:
 
 class Node:
     def __init__(self, config: Config, node_id: str, streams: Streams, publisher: Publisher,
-                 keys: Keys) -> None:
+                 keys: Keys, pool: asyncpg.Pool | None = None) -> None:
         self.config = config
         self.node_id = node_id
         self.streams = streams
@@ -76,6 +81,8 @@ class Node:
         self.relay = Relay(streams.redis, streams, keys, self.registry, node_id, config.relay,
                            self._recheck_room_access)
         self.typing = TypingIndicators(streams.scripts, keys, config.rooms.typing_ttl_ms)
+        self.history = History(streams, pool)
+        self.receipts = Receipts(streams.scripts, keys, pool)
         self.rules = AccessRules(config.rooms.admin_all_rooms, config.rooms.channel_publish_roles)
         self.metrics = Metrics()
         self.started_at = time.time()
@@ -146,6 +153,12 @@ class Node:
                 await self.typing.update(session, room.name, frame.is_typing)
             except RedisError as exc:
                 raise Unavailable("Redis unavailable; typing indicator not sent") from exc
+        elif isinstance(frame, MarkRead):
+            room = self._parse(frame.room)
+            await self.check_access(room, session.principal, session)
+            position = await self.receipts.mark(room.name, session.user_id, frame.up_to)
+            session.send(_with_request_id({"type": "marked_read", "room": room.name,
+                                           "up_to": format_stream_id(position)}, env))
         elif isinstance(frame, Ping):
             session.send(_with_request_id({"type": "pong", "server_time": iso_ms(_now_ms())}, env))
         else:  # pragma: no cover - parse_client_frame only returns the types above
@@ -155,8 +168,15 @@ class Node:
         return parse_room(value, self.config.rooms.max_name_length)
 
     async def _check_read(self, room: Room, session: Session) -> None:
-        if needs_grant(room, session.principal, self.rules) and not await self.streams.is_granted(
-                room.name, session.user_id):
+        await self.check_access(room, session.principal)
+
+    async def check_access(self, room: Room, who: Principal, session: Session | None = None) -> None:
+        """Raise :class:`Forbidden` unless ``who`` may read ``room`` (a joined session may)."""
+        if session is not None:
+            member = self.registry.membership(room.name, session)
+            if member is not None and member.joined:
+                return
+        if needs_grant(room, who, self.rules) and not await self.streams.is_granted(room.name, who.user_id):
             raise Forbidden("you may not access this room")
 
     # ------------------------------------------------------------------ join / leave
@@ -188,26 +208,36 @@ class Node:
         session.send(_with_request_id(catch_up.frame(room.name), env))
         replayed = {d.entry_id for d in catch_up.replay} if was_updates_only else None
         self.registry.go_live(member, catch_up.last_id, replayed)
+        await self.streams.remember_join(session.user_id, room.name)
 
     async def _catch_up(self, room: str, frame: JoinRoom) -> CatchUp:
         """What a join replays: everything after ``since`` when the stream still holds it all (same
         epoch, nothing trimmed past it, not too much), or the newest ``history`` entries."""
         position = await self.streams.open_room(room)
+        limit = self.config.rooms.max_replay
         recovered = False
+        archived: list[dict[str, Any]] = []
         entries: list[Entry] = []
         since = frame.since
         if since is not None and position.can_resume_after(since.epoch, since.last_id):
-            limit = self.config.rooms.max_replay
             entries = await self.streams.read_after(room, since.last_id, limit + 1)
-            if len(entries) > limit:
-                entries = []  # too much to replay: the client fetches history instead
-            else:
-                recovered = True
+            recovered = len(entries) <= limit
+        elif since is not None and position.archive_covers(since.epoch, since.last_id):
+            # Older than the Redis window: the archive holds what the trim removed.
+            older = await self.history.archived_between(room, since.epoch, since.last_id,
+                                                        position.first_id if position.first_id != (0, 0) else None,
+                                                        limit)
+            if older is not None and len(older) <= limit:
+                entries = await self.streams.read_after(room, since.last_id, limit + 1 - len(older))
+                if len(older) + len(entries) <= limit:
+                    archived, recovered = older, True
         elif since is None and frame.history:
             entries = await self.streams.read_latest(room, frame.history)
+        if since is not None and not recovered:
+            entries = []  # a partial replay would be a silent gap: the client fetches history instead
         replay = [d for d in (entry_to_delivery(room, eid, fields) for eid, fields in entries) if d is not None]
         last = max(position.last_id, replay[-1].entry_id) if replay else position.last_id
-        return CatchUp(position.epoch, last, recovered, replay)
+        return CatchUp(position.epoch, last, recovered, replay, archived)
 
     async def _attach(self, room: str, session: Session, *, buffering: bool) -> Membership:
         """Add the session to ``room`` and make sure the relay reads it. With ``buffering``, live

@@ -89,7 +89,13 @@ class Ping:
     pass
 
 
-ClientFrame = JoinRoom | LeaveRoom | ChatMessage | Typing | SubscribeUpdates | Ping
+@dataclass(frozen=True)
+class MarkRead:
+    room: Any
+    up_to: StreamId
+
+
+ClientFrame = JoinRoom | LeaveRoom | ChatMessage | Typing | SubscribeUpdates | Ping | MarkRead
 
 
 @dataclass(frozen=True)
@@ -219,6 +225,35 @@ def _ping(obj: dict[str, Any], _a: int, _b: int) -> Ping:
     return Ping()
 
 
+MAX_MARK_IDS = 1000
+
+
+def parse_read_position(message_ids: Any, up_to: Any) -> StreamId:
+    """``up_to`` (a stream id) or the newest of ``message_ids`` (stream ids): the read position."""
+    ids: list[Any]
+    if up_to is not None:
+        ids = [up_to]
+    elif isinstance(message_ids, list) and message_ids:
+        if len(message_ids) > MAX_MARK_IDS:
+            raise InvalidFrame(f"message_ids holds at most {MAX_MARK_IDS} ids")
+        ids = message_ids
+    else:
+        raise InvalidFrame("give up_to (a message id) or message_ids (a non-empty list of message ids)")
+    parsed = []
+    for value in ids:
+        try:
+            parsed.append(parse_stream_id(value) if isinstance(value, str) else None)
+        except ValueError:
+            parsed.append(None)
+        if parsed[-1] is None:
+            raise InvalidFrame("message ids are the stream ids messages carry, like '1700000000000-0'")
+    return max(p for p in parsed if p is not None)
+
+
+def _mark_read(obj: dict[str, Any], _a: int, _b: int) -> MarkRead:
+    return MarkRead(obj.get("room"), parse_read_position(obj.get("message_ids"), obj.get("up_to")))
+
+
 _PARSERS: dict[str, Any] = {
     "join_room": _join,
     "leave_room": _leave,
@@ -230,6 +265,7 @@ _PARSERS: dict[str, Any] = {
     "subscribe_quote_updates": _subscriber("quote", True),
     "unsubscribe_quote_updates": _subscriber("quote", False),
     "ping": _ping,
+    "mark_read": _mark_read,
 }
 CLIENT_FRAME_TYPES = frozenset(_PARSERS)
 

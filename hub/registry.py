@@ -114,8 +114,8 @@ class Registry:
         return queued
 
     def deliver_ephemeral(self, room: str, payload: bytes) -> None:
-        """Fan out an ephemeral event (typing) to joined members other than its own user's sessions.
-        Not buffered during a join and not replayed: it only matters now."""
+        """Fan out an ephemeral event (typing, read receipts) to joined members; a typing indicator
+        skips its own user's sessions. Not buffered during a join and not replayed."""
         local = self.rooms.get(room)
         if local is None:
             return
@@ -125,7 +125,7 @@ class Registry:
             return
         if not isinstance(event, dict):
             return
-        author = event.get("user_id")
+        author = event.get("user_id") if event.get("type") == "typing_indicator" else None
         wire = text_frame(payload)
         for member in local.members.values():
             if member.joined and member.buffer is None and member.session.user_id != author:

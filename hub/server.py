@@ -56,6 +56,13 @@ class Handshake:
             return self._authenticate(connection, request, url.query)
         if url.path == "/ws/health":
             return await self._app.health_response()
+        api = self._app.api
+        if api is not None and api.handles(url.path):
+            if request.headers.get("Content-Length", "0") not in ("", "0") or "Transfer-Encoding" in request.headers:
+                return error_response(HTTPStatus.METHOD_NOT_ALLOWED, "use_api_port",
+                                      "requests with a body go to the API port (server.api_port)")
+            reply = await api.handle("GET", url.path, url.query, request.headers, None)
+            return json_response(HTTPStatus(reply.status), reply.body)
         return error_response(HTTPStatus.NOT_FOUND, "not_found", "no such endpoint")
 
     def _authenticate(self, connection: HubConnection, request: Request, query: str) -> Response | None:

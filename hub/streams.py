@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,12 @@ class RoomPosition:
     min_id: StreamId  # entries below may have been trimmed (the archiver's watermark)
     first_id: StreamId  # oldest entry still in the stream, (0, 0) when empty
     last_id: StreamId  # newest entry, (0, 0) when empty
+
+    def archive_covers(self, epoch: str, last_id: StreamId) -> bool:
+        """Whether the entries after ``last_id`` that Redis no longer holds were trimmed by the
+        archiver (so PostgreSQL has them): same epoch, a real position, and our trim watermark is
+        past it (a trim by anyone else leaves no watermark)."""
+        return epoch == self.epoch and (0, 0) < last_id <= self.last_id and last_id < self.min_id
 
     def can_resume_after(self, epoch: str, last_id: StreamId) -> bool:
         """Whether every entry after ``last_id`` is still in the stream.
@@ -105,6 +112,13 @@ class Streams:
         sid, _epoch, _dup = await self.scripts.call(
             "room_publish", [self.keys.stream(room), self.keys.meta(room)], [new_epoch(), 0, *fields])
         return str(sid.decode())
+
+    async def remember_join(self, user_id: str, room: str) -> None:
+        """Note that ``user_id`` joined ``room`` (the rooms list reads it)."""
+        try:
+            await self.redis.zadd(self.keys.user_rooms(user_id), {room: int(time.time() * 1000)})
+        except RedisError as exc:
+            log.debug("could not note a join: %s", type(exc).__name__)
 
     async def create_group(self, room: str, group: str) -> None:
         """Create ``group`` on the room's stream at its current end ("$"), or move it there."""

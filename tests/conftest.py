@@ -48,6 +48,7 @@ def hub_env(prefix: str, **extra: str) -> dict[str, str]:
         "JWT_SECRET": SECRET,
         "HUB_REDIS_KEY_PREFIX": prefix,
         "HUB_REDIS_EMBEDDED": "never",
+        "HUB_SERVER_API_PORT": "0",
     }
     env.update(extra)
     return env
@@ -84,7 +85,7 @@ async def pg(pg_schema: str) -> AsyncIterator[Any]:
 
 
 def make_config(prefix: str, **overrides: Any) -> Config:
-    values = {"server.port": 0, **overrides}
+    values = {"server.port": 0, "server.api_port": 0, **overrides}
     return load_config(None, hub_env(prefix), values)
 
 

@@ -8,7 +8,8 @@
 --   epoch    the room's epoch (changes only when Redis lost the room's data);
 --   min_id   entries below this id may have been trimmed ("0-0" when nothing ever was);
 --   first_id the oldest entry's id, or "0-0" for an empty or missing stream;
---   last_id  the newest entry's id, or "0-0" for an empty or missing stream.
+--   last_id  the newest id the stream ever generated (XINFO last-generated-id, so a stream trimmed
+--            empty still knows its top), or "0-0" for a missing stream.
 --
 -- Atomic, so two nodes opening a new room at once agree on one epoch.
 local epoch = redis.call('HGET', KEYS[2], 'epoch')
@@ -19,10 +20,13 @@ end
 local min_id = redis.call('HGET', KEYS[2], 'min_id') or '0-0'
 local first_id, last_id = '0-0', '0-0'
 if redis.call('EXISTS', KEYS[1]) == 1 then
-  local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
-  if #newest > 0 then
-    last_id = newest[1][1]
-    first_id = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)[1][1]
+  local info = redis.call('XINFO', 'STREAM', KEYS[1])
+  for i = 1, #info, 2 do
+    if info[i] == 'last-generated-id' then
+      last_id = info[i + 1]
+    elseif info[i] == 'first-entry' and info[i + 1] then
+      first_id = info[i + 1][1]
+    end
   end
 end
 return {epoch, min_id, first_id, last_id}
