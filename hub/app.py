@@ -160,7 +160,7 @@ class App:
         comes from the Redis window alone (said once, loudly)."""
         pg = self.config.postgres
         try:
-            return await asyncpg.create_pool(
+            pool = await asyncpg.create_pool(
                 pg.url, min_size=1, max_size=4, timeout=3, server_settings={
                     "search_path": pg.schema, "statement_timeout": str(pg.statement_timeout_ms),
                     "application_name": f"streamhub:{self.node_id}"})
@@ -168,6 +168,12 @@ class App:
             log.warning("PostgreSQL unreachable (%s): history is served from the Redis window only, "
                         "search is off", type(exc).__name__)
             return None
+        if not await pool.fetchval("SELECT to_regclass('messages') IS NOT NULL"):
+            log.warning("PostgreSQL schema %r has no hub tables (run hubctl migrate): history is served "
+                        "from the Redis window only, search is off", pg.schema)
+            await pool.close()
+            return None
+        return pool
 
     async def _redis_url(self) -> str:
         cfg = self.config.redis
