@@ -32,7 +32,7 @@ log = logging.getLogger("hub.api")
 
 MAX_LIMIT = 100
 MAX_BODY_BYTES = 65_536
-_ROOM_PATH = re.compile(r"/ws/rooms/([^/]+)/(messages|mark-read)")
+_ROOM_PATH = re.compile(r"/ws/rooms/([^/]+)/(messages|mark-read|presence)")
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,9 @@ class Api:
                 return await self._search(who, params)
             if match and match.group(2) == "messages" and method == "GET":
                 return await self._messages(who, unquote(match.group(1)), params)
+            if match and match.group(2) == "presence" and method == "GET":
+                room = await self._room(who, unquote(match.group(1)))
+                return ok({"room": room.name, "users": await self._node.presence.in_room(room.name)})
             if match and match.group(2) == "mark-read" and method == "POST":
                 return await self._mark_read(who, unquote(match.group(1)), body)
             return fail(405, "method_not_allowed", f"{method} is not allowed here")

@@ -220,23 +220,33 @@ class App:
         await pipe.execute()
 
     async def _heartbeat(self) -> None:
+        """Keep this node's registration alive, and clean up after nodes whose registration expired
+        (their connections' presence, their consumer groups)."""
+        assert self.node is not None
         while True:
             await asyncio.sleep(self.config.relay.node_heartbeat_s)
             try:
                 await self._heartbeat_once()
+                await self.node.presence.reap_dead_nodes()
             except RedisError as exc:
                 log.warning("heartbeat failed: %s", type(exc).__name__)
 
     async def _reap_idle(self) -> None:
-        assert self.node is not None
+        """Close connections idle past server.connection_timeout_s; show those idle past
+        rooms.away_after_idle_s as away."""
+        node = self.node
+        assert node is not None
         timeout = self.config.server.connection_timeout_s
+        away_after = self.config.rooms.away_after_idle_s
         while True:
-            await asyncio.sleep(min(max(timeout / 4, 0.05), 30.0))
-            cutoff = time.monotonic() - timeout
-            for session in list(self.node.registry.sessions):
-                if session.last_frame_at < cutoff:
+            await asyncio.sleep(min(max(min(timeout, away_after) / 4, 0.05), 30.0))
+            now = time.monotonic()
+            for session in list(node.registry.sessions):
+                if session.last_frame_at < now - timeout:
                     session.close(CloseCode.IDLE_TIMEOUT, "idle timeout, reconnect when needed",
                                   self.config.server.slow_close_grace_s)
+                elif session.last_frame_at < now - away_after and session.status == "online" and not session.closing:
+                    await node.set_status(session, "away", auto=True)
 
     # ------------------------------------------------------------------ health
 

@@ -126,6 +126,8 @@ class RoomsConfig:
     max_replay: int = 1000
     # Most recent messages a fresh join may ask for with "history".
     max_join_history: int = 100
+    # A connection that sends nothing for this long is shown as "away" until its next frame.
+    away_after_idle_s: float = 300.0
     # A typing indicator that is never stopped ends by itself after this long.
     typing_ttl_ms: int = 6000
     # How long a client_msg_id is remembered for idempotent retries.
@@ -193,6 +195,7 @@ class Config:
         _check(16 <= self.rooms.max_name_length <= 1024, "rooms.max_name_length", "must be 16..1024")
         _check(self.rooms.max_replay > 0, "rooms.max_replay", "must be positive")
         _check(self.rooms.max_join_history >= 0, "rooms.max_join_history", "must not be negative")
+        _check(self.rooms.away_after_idle_s > 0, "rooms.away_after_idle_s", "must be positive")
         _check(500 <= self.rooms.typing_ttl_ms <= 60_000, "rooms.typing_ttl_ms", "must be 500..60000")
         _check(self.rooms.idempotency_ttl_s > 0, "rooms.idempotency_ttl_s", "must be positive")
         _check(self.postgres.url.startswith(("postgresql://", "postgres://")), "postgres.url",

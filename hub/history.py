@@ -65,30 +65,25 @@ class History:
 
     async def page(self, room: str, *, limit: int, before: StreamId | None = None, offset: int = 0) -> Page:
         """Up to ``limit`` messages, newest first: older than ``before`` when given, else skipping the
-        ``offset`` newest."""
-        redis = self.streams.redis
+        ``offset`` newest.
+
+        One XREVRANGE decides the seam: if it returns fewer entries than asked, it reached the
+        stream's start, and everything older (trimmed, hence archived) comes from PostgreSQL below
+        the oldest entry it returned. A trim running meanwhile cannot open a gap."""
         key = self.streams.keys.stream(room)
-        first: Any = await redis.xrange(key, min="-", max="+", count=1)
-        seam: StreamId | None = _sid(first[0][0]) if first else None
-        hot: list[Entry] = []
-        if seam is not None and (before is None or before > seam):
-            top = f"({format_stream_id(before)}" if before is not None else "+"
-            want = limit + 1 + (offset if before is None else 0)
-            rows: Any = await redis.xrevrange(key, max=top, min="-", count=want)
-            hot = [(eid, fields or {}) for eid, fields in rows]
-            if before is None:
-                skipped = min(offset, len(hot))
-                hot, offset = hot[skipped:], offset - skipped
+        top = f"({format_stream_id(before)}" if before is not None else "+"
+        want = limit + 1 + offset
+        rows: Any = await self.streams.redis.xrevrange(key, max=top, min="-", count=want)
+        hot: list[Entry] = [(eid, fields or {}) for eid, fields in rows]
+        reached_start = len(hot) < want
+        seam = _sid(hot[-1][0]) if hot else before
+        skipped = min(offset, len(hot))
+        hot, offset = hot[skipped:], offset - skipped
         messages = [f for f in (_frame(room, e) for e in hot[:limit]) if f is not None]
-        if len(hot) > limit:
-            return Page(messages, True)
+        if not reached_start or self.pool is None:
+            return Page(messages, len(hot) > limit)
         remaining = limit - len(hot)
-        cold_before = seam if seam is not None else None
-        if before is not None and (cold_before is None or before < cold_before):
-            cold_before = before
-        if self.pool is None:
-            return Page(messages, False)
-        cold = await self._archived(room, cold_before, remaining + 1, offset)
+        cold = await self._archived(room, seam, remaining + 1, offset)
         messages += [row_to_frame(r) for r in cold[:remaining]]
         return Page(messages, len(cold) > remaining)
 

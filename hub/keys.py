@@ -36,6 +36,10 @@ class Keys:
         """String with a TTL: present while ``user_id`` is typing in ``room``."""
         return f"{self.prefix}{{{room}}}:typing:{user_id}"
 
+    def room_presence(self, room: str) -> str:
+        """Hash: user id -> that user's connections in the room and their status ("conn=o;conn=a")."""
+        return f"{self.prefix}{{{room}}}:presence"
+
     def events_channel(self, room: str) -> str:
         """Pub/sub channel for the room's ephemeral events (typing), never stored."""
         return f"{self.prefix}{{{room}}}:ev"
@@ -66,6 +70,14 @@ class Keys:
     def node_rooms(self, node_id: str) -> str:
         """Set of rooms where this node owns a consumer group (for cleanup after it dies)."""
         return f"{self.prefix}node:{node_id}:rooms"
+
+    def node_presence(self, node_id: str) -> str:
+        """Set of "room user connection" entries this node put in room presence (for the reaper)."""
+        return f"{self.prefix}node:{node_id}:presence"
+
+    def reaper_lock(self, node_id: str) -> str:
+        """Held by the one node that cleans up after a dead node."""
+        return f"{self.prefix}reap:{node_id}"
 
     def nodes(self) -> str:
         """Set of node ids that ever registered (dead ones are pruned by maintenance)."""

@@ -19,7 +19,7 @@ from hub.config import Config
 from hub.errors import ClientError, Forbidden, InvalidFrame, NotJoined, Unavailable
 from hub.history import History
 from hub.keys import Keys
-from hub.presence import TypingIndicators
+from hub.presence import Presence, TypingIndicators
 from hub.protocol import (
     ChatMessage,
     Delivery,
@@ -28,6 +28,8 @@ from hub.protocol import (
     LeaveRoom,
     MarkRead,
     Ping,
+    PresenceQuery,
+    SetPresence,
     StreamId,
     SubscribeUpdates,
     Typing,
@@ -81,6 +83,7 @@ class Node:
         self.relay = Relay(streams.redis, streams, keys, self.registry, node_id, config.relay,
                            self._recheck_room_access)
         self.typing = TypingIndicators(streams.scripts, keys, config.rooms.typing_ttl_ms)
+        self.presence = Presence(streams.scripts, keys, node_id)
         self.history = History(streams, pool)
         self.receipts = Receipts(streams.scripts, keys, pool)
         self.rules = AccessRules(config.rooms.admin_all_rooms, config.rooms.channel_publish_roles)
@@ -113,6 +116,8 @@ class Node:
             log.exception("internal error parsing a frame")
             session.send_error(ClientError("internal error; the connection stays open", code="internal_error"))
             return
+        if session.auto_away:
+            await self.set_status(session, "online", auto=False)
         try:
             await self._dispatch(session, envelope)
         except ClientError as exc:
@@ -159,6 +164,14 @@ class Node:
             position = await self.receipts.mark(room.name, session.user_id, frame.up_to)
             session.send(_with_request_id({"type": "marked_read", "room": room.name,
                                            "up_to": format_stream_id(position)}, env))
+        elif isinstance(frame, SetPresence):
+            await self.set_status(session, frame.status, auto=False)
+            session.send(_with_request_id({"type": "presence_set", "status": frame.status}, env))
+        elif isinstance(frame, PresenceQuery):
+            room = self._parse(frame.room)
+            await self.check_access(room, session.principal, session)
+            users = await self.presence.in_room(room.name)
+            session.send(_with_request_id({"type": "presence_state", "room": room.name, "users": users}, env))
         elif isinstance(frame, Ping):
             session.send(_with_request_id({"type": "pong", "server_time": iso_ms(_now_ms())}, env))
         else:  # pragma: no cover - parse_client_frame only returns the types above
@@ -205,7 +218,17 @@ class Node:
             raise
         if session.closing or self.registry.membership(room.name, session) is not member:
             return  # the client went away (or was removed) while we read
-        session.send(_with_request_id(catch_up.frame(room.name), env))
+        try:
+            await self.presence.update(session, room.name, session.status)
+            present = await self.presence.in_room(room.name)
+        except RedisError as exc:
+            log.warning("presence unavailable for a join: %s", type(exc).__name__)
+            present = []
+        if session.closing or self.registry.membership(room.name, session) is not member:
+            await self._forget_presence(session, room.name)  # it may have closed during the update
+            await self._leave(room.name, session)
+            return
+        session.send(_with_request_id(catch_up.frame(room.name) | {"presence": present}, env))
         replayed = {d.entry_id for d in catch_up.replay} if was_updates_only else None
         self.registry.go_live(member, catch_up.last_id, replayed)
         await self.streams.remember_join(session.user_id, room.name)
@@ -223,14 +246,14 @@ class Node:
             entries = await self.streams.read_after(room, since.last_id, limit + 1)
             recovered = len(entries) <= limit
         elif since is not None and position.archive_covers(since.epoch, since.last_id):
-            # Older than the Redis window: the archive holds what the trim removed.
-            older = await self.history.archived_between(room, since.epoch, since.last_id,
-                                                        position.first_id if position.first_id != (0, 0) else None,
-                                                        limit)
-            if older is not None and len(older) <= limit:
-                entries = await self.streams.read_after(room, since.last_id, limit + 1 - len(older))
-                if len(older) + len(entries) <= limit:
-                    archived, recovered = older, True
+            # Older than the Redis window: the archive holds what the trim removed. Read Redis
+            # first; the archive then answers strictly below the first entry Redis returned (or the
+            # newest id at open), so a trim or an archive run in between leaves no gap and no repeat.
+            entries = await self.streams.read_after(room, since.last_id, limit + 1)
+            upper = _sid_of(entries[0][0]) if entries else (position.last_id[0], position.last_id[1] + 1)
+            older = await self.history.archived_between(room, since.epoch, since.last_id, upper, limit)
+            if older is not None and len(older) + len(entries) <= limit:
+                archived, recovered = older, True
         elif since is None and frame.history:
             entries = await self.streams.read_latest(room, frame.history)
         if since is not None and not recovered:
@@ -258,14 +281,39 @@ class Node:
         member = self.registry.membership(room, session)
         if member is not None and member.updates:
             member.joined = False
-            if self.typing.is_typing(session, room):
-                await self.typing.stop_all(session, {room})
+            await self._forget_presence(session, room)
             return
         await self._leave(room, session)
 
-    async def _leave(self, room: str, session: Session) -> None:
+    async def _forget_presence(self, session: Session, room: str) -> None:
+        """The session stops being in ``room``: its typing ends and its presence there goes."""
         if self.typing.is_typing(session, room):
             await self.typing.stop_all(session, {room})
+        try:
+            await self.presence.update(session, room, None)
+        except RedisError as exc:
+            # Left behind: the connection id outlives nothing but this node, whose reaper removes it.
+            log.debug("presence removal failed: %s", type(exc).__name__)
+
+    async def set_status(self, session: Session, status: str, *, auto: bool) -> None:
+        """Change the session's presence (client request, or idleness when ``auto``) in every room
+        it joined; the rooms are told when the user's presence there changes."""
+        session.auto_away = auto and status == "away"
+        if session.status == status:
+            return
+        session.status = status
+        for room in list(session.rooms):
+            member = self.registry.membership(room, session)
+            if member is not None and member.joined:
+                try:
+                    await self.presence.update(session, room, status)
+                except RedisError as exc:
+                    log.debug("presence update failed: %s", type(exc).__name__)
+
+    async def _leave(self, room: str, session: Session) -> None:
+        member = self.registry.membership(room, session)
+        if member is not None and member.joined:
+            await self._forget_presence(session, room)
         async with self.registry.lock(room):
             if self.registry.remove(room, session) and room in self.relay.active:
                 await self.relay.deactivate(room)
@@ -344,6 +392,11 @@ class Node:
             session.send(ack)
 
         future.add_done_callback(session.after_publish(acked))
+
+
+def _sid_of(entry_id: bytes) -> StreamId:
+    ms, _, seq = entry_id.decode().partition("-")
+    return int(ms), int(seq)
 
 
 def _with_request_id(frame: dict[str, Any], env: Envelope) -> dict[str, Any]:

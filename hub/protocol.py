@@ -90,12 +90,23 @@ class Ping:
 
 
 @dataclass(frozen=True)
+class SetPresence:
+    status: str  # "online" or "away"
+
+
+@dataclass(frozen=True)
+class PresenceQuery:
+    room: Any
+
+
+@dataclass(frozen=True)
 class MarkRead:
     room: Any
     up_to: StreamId
 
 
-ClientFrame = JoinRoom | LeaveRoom | ChatMessage | Typing | SubscribeUpdates | Ping | MarkRead
+ClientFrame = (JoinRoom | LeaveRoom | ChatMessage | Typing | SubscribeUpdates | Ping | MarkRead | SetPresence
+               | PresenceQuery)
 
 
 @dataclass(frozen=True)
@@ -250,6 +261,17 @@ def parse_read_position(message_ids: Any, up_to: Any) -> StreamId:
     return max(p for p in parsed if p is not None)
 
 
+def _presence(obj: dict[str, Any], _a: int, _b: int) -> SetPresence:
+    status = obj.get("status")
+    if status not in ("online", "away"):
+        raise InvalidFrame('status must be "online" or "away"')
+    return SetPresence(status)
+
+
+def _presence_query(obj: dict[str, Any], _a: int, _b: int) -> PresenceQuery:
+    return PresenceQuery(obj.get("room"))
+
+
 def _mark_read(obj: dict[str, Any], _a: int, _b: int) -> MarkRead:
     return MarkRead(obj.get("room"), parse_read_position(obj.get("message_ids"), obj.get("up_to")))
 
@@ -266,6 +288,8 @@ _PARSERS: dict[str, Any] = {
     "unsubscribe_quote_updates": _subscriber("quote", False),
     "ping": _ping,
     "mark_read": _mark_read,
+    "presence": _presence,
+    "presence_query": _presence_query,
 }
 CLIENT_FRAME_TYPES = frozenset(_PARSERS)
 

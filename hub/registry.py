@@ -114,8 +114,8 @@ class Registry:
         return queued
 
     def deliver_ephemeral(self, room: str, payload: bytes) -> None:
-        """Fan out an ephemeral event (typing, read receipts) to joined members; a typing indicator
-        skips its own user's sessions. Not buffered during a join and not replayed."""
+        """Fan out an ephemeral event (typing, presence, read receipts) to joined members. Not
+        buffered during a join and not replayed."""
         local = self.rooms.get(room)
         if local is None:
             return
@@ -125,7 +125,9 @@ class Registry:
             return
         if not isinstance(event, dict):
             return
-        author = event.get("user_id") if event.get("type") == "typing_indicator" else None
+        # A user's own typing and presence are not echoed to their connections; read receipts are
+        # (they sync unread counts across the user's devices).
+        author = event.get("user_id") if event.get("type") in ("typing_indicator", "presence_update") else None
         wire = text_frame(payload)
         for member in local.members.values():
             if member.joined and member.buffer is None and member.session.user_id != author:

@@ -88,6 +88,10 @@ class Session:
         # Rooms this session joined or subscribed to updates of (the registry holds the details).
         self.rooms: set[str] = set()
         self.last_frame_at = time.monotonic()
+        # Presence of this connection: "online" or "away" (set by the client, or by idleness when
+        # auto_away is True, which the next frame undoes).
+        self.status = "online"
+        self.auto_away = False
         # Publishes in flight; the read loop waits when the client has too many.
         self.inflight = asyncio.Semaphore(node.config.server.max_inflight_publishes)
 

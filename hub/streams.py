@@ -41,9 +41,9 @@ class RoomPosition:
 
     def archive_covers(self, epoch: str, last_id: StreamId) -> bool:
         """Whether the entries after ``last_id`` that Redis no longer holds were trimmed by the
-        archiver (so PostgreSQL has them): same epoch, a real position, and our trim watermark is
-        past it (a trim by anyone else leaves no watermark)."""
-        return epoch == self.epoch and (0, 0) < last_id <= self.last_id and last_id < self.min_id
+        archiver (so PostgreSQL has them): same epoch, and our trim watermark is past the position
+        (a trim by anyone else leaves no watermark)."""
+        return epoch == self.epoch and last_id <= self.last_id and last_id < self.min_id
 
     def can_resume_after(self, epoch: str, last_id: StreamId) -> bool:
         """Whether every entry after ``last_id`` is still in the stream.

@@ -5,7 +5,7 @@
 -- ARGV[1]  the archiver's consumer group name
 -- ARGV[2]  hot-window floor: entries with ids below this may go ("<ms>-0")
 --
--- Returns the new trim watermark (entries below it may be gone), or "" when nothing may be trimmed.
+-- Returns the new trim watermark (entries below it may be gone), or "" when nothing was trimmed.
 --
 -- Safe point = the group's oldest pending entry (delivered but not yet committed+acked), or, when
 -- nothing is pending, just after the last entry the group read. Entries below min(safe point,
@@ -50,6 +50,9 @@ local current = redis.call('HGET', KEYS[2], 'min_id') or '0-0'
 if not less(current, safe) then
   return ''
 end
-redis.call('XTRIM', KEYS[1], 'MINID', safe)
+-- Only a trim that removed something moves the watermark: a resume is refused below it.
+if redis.call('XTRIM', KEYS[1], 'MINID', safe) == 0 then
+  return ''
+end
 redis.call('HSET', KEYS[2], 'min_id', safe)
 return safe
