@@ -227,6 +227,8 @@ class App:
             await asyncio.sleep(self.config.relay.node_heartbeat_s)
             try:
                 await self._heartbeat_once()
+                await self.node.limits.refresh(
+                    s.connection.lease for s in self.node.registry.sessions if s.connection.lease is not None)
                 await self.node.presence.reap_dead_nodes()
             except RedisError as exc:
                 log.warning("heartbeat failed: %s", type(exc).__name__)

@@ -38,10 +38,25 @@ class ServerConfig:
     ping_timeout_s: float = 20.0
     # Idle timeout: a connection that sends no frame for this long is closed (code 4002).
     connection_timeout_s: float = 1800.0
-    # Concurrent connections from one IP (enforced by the security layer).
+    # Concurrent connections from one IP, across all nodes (HTTP 429 beyond).
     max_connections_per_ip: int = 10
-    # Chat messages per user per minute (enforced by the security layer).
+    # Concurrent connections of one user, across all nodes (HTTP 429 beyond).
+    max_connections_per_user: int = 20
+    # New connections per IP per minute, after a burst (HTTP 429 beyond).
+    connect_rate_limit_per_min: int = 120
+    connect_burst: int = 30
+    # Chat messages per user per minute, after a burst (error rate_limited beyond; nothing stored).
     message_rate_limit_per_min: int = 60
+    message_burst: int = 20
+    # Typing indicators per user per minute, after a burst (error rate_limited beyond).
+    typing_rate_limit_per_min: int = 120
+    typing_burst: int = 10
+    # When Redis cannot be asked: True lets messages/typing/connects through (fail open), False
+    # refuses them (fail closed). Separate for rates and for connection caps.
+    rate_limits_fail_open: bool = True
+    connection_caps_fail_open: bool = True
+    # Peers whose X-Forwarded-For is believed (exact IPs of your reverse proxies); others' is ignored.
+    trusted_proxies: tuple[str, ...] = ()
     # A connection whose unsent bytes exceed this is closed with 4008 "slow".
     outbox_limit_bytes: int = 1_048_576
     # After the slow close frame is queued, the TCP connection is aborted after this long.
@@ -175,7 +190,9 @@ class Config:
         _check(self.server.port >= 0 and self.server.port < 65536, "server.port", "must be 0..65535")
         _check(-1 <= self.server.api_port < 65536, "server.api_port", "must be -1 (off) or 0..65535")
         for name in ("max_frame_bytes", "max_content_bytes", "outbox_limit_bytes", "max_inflight_publishes",
-                     "max_connections_per_ip", "message_rate_limit_per_min"):
+                     "max_connections_per_ip", "message_rate_limit_per_min", "max_connections_per_user",
+                     "connect_rate_limit_per_min", "connect_burst", "message_burst", "typing_rate_limit_per_min",
+                     "typing_burst"):
             _check(getattr(self.server, name) > 0, f"server.{name}", "must be positive")
         _check(self.server.max_content_bytes <= self.server.max_frame_bytes, "server.max_content_bytes",
                "must not exceed server.max_frame_bytes")

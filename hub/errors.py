@@ -72,6 +72,17 @@ class MessageTooLarge(ClientError):
     code = "message_too_large"
 
 
+class RateLimited(ClientError):
+    """Too many requests; nothing was done. Retry after ``retry_after_ms``."""
+
+    code = "rate_limited"
+    retryable = True
+
+    def __init__(self, message: str, retry_after_ms: int) -> None:
+        super().__init__(message)
+        self.retry_after_ms = retry_after_ms
+
+
 class Unavailable(ClientError):
     """Redis could not be reached; nothing was stored. Retry with the same client_msg_id."""
 
@@ -98,6 +109,7 @@ ERROR_CODES: dict[str, str] = {
     "not_joined": "the room must be joined first",
     "invalid_message": "a message field is missing or invalid",
     "message_too_large": "content exceeds server.max_content_bytes; nothing was stored",
+    "rate_limited": "too many messages or typing events; nothing was stored; retry after retry_after_ms",
     "unavailable": "Redis could not be reached; nothing was stored; retry with the same client_msg_id",
     "internal_error": "a bug; the connection stays open; please report it",
 }

@@ -53,6 +53,15 @@ class Keys:
         """Sorted set: rooms the user joined, scored by the last join time (ms)."""
         return f"{self.prefix}{{user:{user_id}}}:rooms"
 
+    # --- limits (one hash tag per subject, so each key is its own Cluster slot) --------------
+    def rate(self, subject: str, what: str) -> str:
+        """GCRA state for ``what`` (msg, typing, connect) of ``subject`` ("user:ID" or "ip:ADDR")."""
+        return f"{self.prefix}rl:{{{subject}}}:{what}"
+
+    def connection_leases(self, subject: str) -> str:
+        """Sorted set of connection leases of ``subject`` ("user:ID" or "ip:ADDR")."""
+        return f"{self.prefix}cc:{{{subject}}}"
+
     # --- consumers ---------------------------------------------------------------------------
     def dead_letters(self, consumer: str) -> str:
         """Stream of entries ``consumer`` could not process, with the reason."""

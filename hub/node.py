@@ -16,9 +16,10 @@ import asyncpg
 from redis.exceptions import RedisError
 
 from hub.config import Config
-from hub.errors import ClientError, Forbidden, InvalidFrame, NotJoined, Unavailable
+from hub.errors import ClientError, Forbidden, InvalidFrame, NotJoined, RateLimited, Unavailable
 from hub.history import History
 from hub.keys import Keys
+from hub.limits import Limits
 from hub.presence import Presence, TypingIndicators
 from hub.protocol import (
     ChatMessage,
@@ -84,6 +85,7 @@ class Node:
                            self._recheck_room_access)
         self.typing = TypingIndicators(streams.scripts, keys, config.rooms.typing_ttl_ms)
         self.presence = Presence(streams.scripts, keys, node_id)
+        self.limits = Limits(streams.scripts, keys, config.server, node_id, int(config.relay.node_ttl_s * 1000))
         self.history = History(streams, pool)
         self.receipts = Receipts(streams.scripts, keys, pool)
         self.rules = AccessRules(config.rooms.admin_all_rooms, config.rooms.channel_publish_roles)
@@ -98,6 +100,10 @@ class Node:
 
     async def session_closed(self, session: Session) -> None:
         self.registry.remove_session(session)
+        lease = session.connection.lease
+        if lease is not None:
+            session.connection.lease = None
+            await self.limits.release(lease)
         for room in list(session.rooms):
             await self._leave(room, session)
 
@@ -154,6 +160,10 @@ class Node:
             member = self.registry.membership(room.name, session)
             if member is None or not member.joined:
                 raise NotJoined("join the room before sending typing indicators")
+            if frame.is_typing:
+                decision = await self.limits.typing(session.user_id)
+                if not decision.allowed:
+                    raise RateLimited("too many typing indicators", decision.retry_after_ms)
             try:
                 await self.typing.update(session, room.name, frame.is_typing)
             except RedisError as exc:
@@ -365,6 +375,9 @@ class Node:
         check_publish(room, session.principal, self.rules)
         if msg.message_type == "system" and not (session.principal.roles & {"admin", "support"}):
             raise Forbidden("only support and admin may send system messages")
+        decision = await self.limits.message(session.user_id)
+        if not decision.allowed:
+            raise RateLimited("too many messages; nothing was stored", decision.retry_after_ms)
         await session.inflight.acquire()
         fields = chat_entry_fields(session.user_id, msg, _now_ms())
         future = self.publisher.submit(room.name, session.user_id, msg.client_msg_id, fields)

@@ -53,7 +53,10 @@ class Handshake:
         assert isinstance(connection, HubConnection)
         url = urlsplit(request.path)
         if url.path == WS_PATH:
-            return self._authenticate(connection, request, url.query)
+            refused = self._authenticate(connection, request, url.query)
+            if refused is not None:
+                return refused
+            return await self._admit(connection, request)
         if url.path == "/ws/health":
             return await self._app.health_response()
         api = self._app.api
@@ -86,6 +89,36 @@ class Handshake:
         connection.client_version = (_first(params, "client_version") or "")[:32]
         connection.device_id = (_first(params, "device_id") or "")[:128]
         return None
+
+
+    async def _admit(self, connection: HubConnection, request: Request) -> Response | None:
+        """Per-IP connect rate and per-IP/per-user connection caps: HTTP 429 before the upgrade."""
+        node = self._app.node
+        assert node is not None and connection.verified is not None
+        peer = connection.remote_address[0] if connection.remote_address else ""
+        ip = client_ip(str(peer), request.headers.get("X-Forwarded-For"), self._app.config.server.trusted_proxies)
+        connection.client_ip = ip
+        decision, lease = await node.limits.admit_connection(ip, connection.verified.principal.user_id)
+        if lease is None:
+            log.info("connection refused (limit) from %s", ip)
+            response = error_response(HTTPStatus.TOO_MANY_REQUESTS, "rate_limited",
+                                      "too many connections; retry later")
+            response.headers["Retry-After"] = str(max(1, -(-decision.retry_after_ms // 1000)))
+            return response
+        connection.lease = lease
+        return None
+
+
+def client_ip(peer: str, forwarded_for: str | None, trusted_proxies: tuple[str, ...]) -> str:
+    """The client's address: the socket peer, or, when the peer is a trusted proxy, the rightmost
+    X-Forwarded-For entry that is not itself a trusted proxy (entries left of it are client-written)."""
+    if not forwarded_for or peer not in trusted_proxies:
+        return peer
+    hops = [h.strip() for h in forwarded_for.split(",") if h.strip()]
+    for hop in reversed(hops):
+        if hop not in trusted_proxies:
+            return hop[:64]
+    return peer
 
 
 def _first(params: dict[str, list[str]], name: str) -> str | None:

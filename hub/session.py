@@ -20,7 +20,8 @@ from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
 from hub.auth import VerifiedToken
-from hub.errors import ClientError, CloseCode
+from hub.errors import ClientError, CloseCode, RateLimited
+from hub.limits import Lease
 from hub.protocol import encode, error_frame, text_frame
 
 if TYPE_CHECKING:
@@ -36,6 +37,9 @@ class HubConnection(ServerConnection):
 
     # Set by process_request after the token is verified; None until then (and for HTTP requests).
     verified: VerifiedToken | None = None
+    # The connection's slots under its IP and user caps; released when the session ends.
+    lease: Lease | None = None
+    client_ip: str = ""
     client_type: str = ""
     client_version: str = ""
     device_id: str = ""
@@ -110,6 +114,8 @@ class Session:
             self._outbox.mark(self)
 
     def send_error(self, exc: ClientError, room: str | None = None, **extra: Any) -> None:
+        if isinstance(exc, RateLimited):
+            extra["retry_after_ms"] = exc.retry_after_ms
         self.send(error_frame(exc.code, exc.message, request_type=exc.request_type, room=room,
                               request_id=exc.request_id, retryable=exc.retryable, **extra))
 

@@ -49,6 +49,14 @@ def hub_env(prefix: str, **extra: str) -> dict[str, str]:
         "HUB_REDIS_KEY_PREFIX": prefix,
         "HUB_REDIS_EMBEDDED": "never",
         "HUB_SERVER_API_PORT": "0",
+        # Tests open many connections from 127.0.0.1 and send fast; the limits have their own tests.
+        "WEBSOCKET_MAX_CONNECTIONS_PER_IP": "100000",
+        "WEBSOCKET_MESSAGE_RATE_LIMIT": "10000000",
+        "HUB_SERVER_MESSAGE_BURST": "100000",
+        "HUB_SERVER_MAX_CONNECTIONS_PER_USER": "100000",
+        "HUB_SERVER_CONNECT_RATE_LIMIT_PER_MIN": "10000000",
+        "HUB_SERVER_CONNECT_BURST": "100000",
+        "HUB_SERVER_TYPING_BURST": "100000",
     }
     env.update(extra)
     return env
