@@ -194,9 +194,19 @@ def token(ctx: click.Context, user_id: str, roles: tuple[str, ...], rooms: tuple
         raise click.ClickException(exc.message) from None
 
 
-def _room(name: str) -> str:
+def _room(name: str, *, internal_ok: bool = False) -> str:
+    """A room name, or (``internal_ok``) a notification target: inbox:USER, system, role:ROLE."""
+    from hub.auth import KNOWN_ROLES, is_valid_user_id
+    from hub.notifications import INBOX_PREFIX, ROLE_PREFIX, SYSTEM_ROOM
     from hub.rooms import parse_room
 
+    if internal_ok:
+        if name == SYSTEM_ROOM:
+            return name
+        if name.startswith(INBOX_PREFIX) and is_valid_user_id(name[len(INBOX_PREFIX):]):
+            return name
+        if name.startswith(ROLE_PREFIX) and name[len(ROLE_PREFIX):] in KNOWN_ROLES:
+            return name
     try:
         return parse_room(name).name
     except HubError as exc:
@@ -267,8 +277,10 @@ def revoke(ctx: click.Context, room: str, user_ids: tuple[str, ...]) -> None:
 @click.pass_context
 def publish(ctx: click.Context, room: str, event_type: str, content: str | None, sender_id: str,
             message_type: str, data: str | None) -> None:
-    """Append a message or backend event to ROOM's stream, as a backend's XADD would."""
-    name = _room(room)
+    """Append a message or backend event to ROOM's stream, as a backend's XADD would. ROOM may also
+    be inbox:USER (one user's devices; kept for them while offline), system (everyone) or
+    role:ROLE (everyone with that role)."""
+    name = _room(room, internal_ok=True)
     fields: list[str | bytes] = ["type", event_type, "sender_id", sender_id,
                                  "created_at", str(int(time.time() * 1000))]
     if event_type == "chat_message":
@@ -287,6 +299,45 @@ def publish(ctx: click.Context, room: str, event_type: str, content: str | None,
         fields += ["data", orjson.dumps(parsed)]
     stream_id = _run(_with_streams(_config(ctx, require_auth=False), lambda s: s.append(name, fields)))
     click.echo(stream_id)
+
+
+@cli.command()
+@click.argument("room")
+@click.option("--text", required=True, help="What the reminder says.")
+@click.option("--at", "at", default=None, help="When, ISO 8601 (e.g. 2026-12-01T09:00:00Z).")
+@click.option("--in", "in_s", type=click.FloatRange(min=0), default=None, help="When, in seconds from now.")
+@click.option("--data", default=None, help="Extra JSON object for the reminder's data.")
+@click.pass_context
+def remind(ctx: click.Context, room: str, text: str, at: str | None, in_s: float | None, data: str | None) -> None:
+    """Schedule a deadline_reminder for ROOM (or inbox:USER); delivered once, at its time, by any node."""
+    from datetime import datetime
+
+    from hub.notifications import schedule_reminder
+
+    name = _room(room, internal_ok=True)
+    if (at is None) == (in_s is None):
+        raise click.BadParameter("give exactly one of --at and --in")
+    if at is not None:
+        try:
+            when = datetime.fromisoformat(at.replace("Z", "+00:00"))
+        except ValueError:
+            raise click.BadParameter("--at must be ISO 8601, e.g. 2026-12-01T09:00:00Z") from None
+        if when.tzinfo is None:
+            raise click.BadParameter("--at needs a time zone (Z or +hh:mm)")
+        due_ms = int(when.timestamp() * 1000)
+    else:
+        due_ms = int((time.time() + (in_s or 0)) * 1000)
+    extra = {}
+    if data is not None:
+        try:
+            extra = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise click.BadParameter("--data must be JSON") from None
+        if not isinstance(extra, dict):
+            raise click.BadParameter("--data must be a JSON object")
+    reminder = _run(_with_streams(_config(ctx, require_auth=False), lambda s: schedule_reminder(
+        s.redis, s.keys, name, due_ms, text, extra)))
+    click.echo(f"reminder {reminder.id} for {name} due {datetime.fromtimestamp(due_ms / 1000).isoformat()}")
 
 
 # ---------------------------------------------------------------------- PostgreSQL and the archiver
@@ -347,6 +398,7 @@ def archiver(ctx: click.Context, burst: bool, name: str | None) -> None:
         from consumers.archiver import Archiver
         from consumers.schema import is_current
         from hub.keys import Keys
+        from hub.tasks import cancel_and_wait
 
         conn = await _pg_connect(config)
         try:
@@ -367,10 +419,7 @@ def archiver(ctx: click.Context, burst: bool, name: str | None) -> None:
             task = asyncio.ensure_future(worker.run(burst=burst))
             stopper = asyncio.ensure_future(stop.wait())
             await asyncio.wait([task, stopper], return_when=asyncio.FIRST_COMPLETED)
-            stopper.cancel()
-            if not task.done():
-                task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            await cancel_and_wait([stopper, task])
             return worker.stats
         finally:
             await worker.close()

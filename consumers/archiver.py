@@ -36,6 +36,7 @@ from consumers.schema import ensure_partition, month_start
 from hub.config import ArchiverConfig, PostgresConfig
 from hub.keys import Keys
 from hub.lua import Scripts
+from hub.tasks import cancel_and_wait
 
 log = logging.getLogger("consumers.archiver")
 
@@ -134,8 +135,7 @@ class Archiver:
                         await self._trim(force=True)
                         return self.stats
         finally:
-            listener.cancel()
-            await asyncio.gather(listener, return_exceptions=True)
+            await cancel_and_wait([listener])
 
     async def _turn(self) -> bool:
         """One step: flush if due, read woken rooms, sweep/trim if due. True when nothing was read
@@ -220,21 +220,24 @@ class Archiver:
             for room in chunk:
                 if room not in self._rooms:
                     await self._ensure_group(room)
-            while True:
+            while chunk:
                 room_space = self._config.batch_max_rows - len(self._pending)
                 if room_space <= 0:
                     self._dirty.update(chunk)  # come back after the flush
                     await self._flush()
                     room_space = self._config.batch_max_rows
-                streams = {self._keys.stream(r): ("0" if own_pending else ">") for r in chunk}
+                # XREADGROUP's COUNT is per stream: split room_space over the streams read at once.
+                reading, rest = chunk[:room_space], chunk[room_space:]
+                per_stream = min(self._config.read_count, max(1, room_space // len(reading)))
+                streams = {self._keys.stream(r): ("0" if own_pending else ">") for r in reading}
                 try:
                     response = await self._redis.xreadgroup(
                         GROUP, self.consumer, streams,  # type: ignore[arg-type]
-                        count=min(self._config.read_count, room_space))
+                        count=per_stream)
                 except ResponseError as exc:
                     if "NOGROUP" not in str(exc):
                         raise
-                    for room in chunk:
+                    for room in reading:
                         self._rooms.discard(room)
                         self._epochs.pop(room, None)
                         await self._ensure_group(room)
@@ -246,12 +249,13 @@ class Archiver:
                     if name is None:
                         continue
                     got += await self._take(name, entries)
-                    if len(entries) >= min(self._config.read_count, room_space):
+                    if len(entries) >= per_stream:
                         full.append(name)
                 total += got
-                if own_pending or not full:
+                if own_pending:
+                    self._dirty.update(rest)
                     break
-                chunk = full  # rooms with more waiting: read them again
+                chunk = full + rest  # rooms with more waiting, and rooms not read yet
         return total
 
     async def _take(self, room: str, entries: list[tuple[bytes, dict[bytes, bytes] | None]]) -> int:

@@ -22,7 +22,15 @@ from redis.exceptions import RedisError
 from hub.auth import TokenVerifier
 from hub.errors import AuthError, ClientError, Forbidden, HubError, InvalidRoom
 from hub.history import MAX_OFFSET, MAX_QUERY_CHARS, dm_pattern
-from hub.protocol import StreamId, entry_to_frame, format_stream_id, parse_read_position, parse_stream_id
+from hub.notifications import inbox_room
+from hub.protocol import (
+    StreamId,
+    entry_to_frame,
+    format_stream_id,
+    parse_id_list,
+    parse_read_position,
+    parse_stream_id,
+)
 from hub.rooms import Principal, Room, parse_room
 
 if TYPE_CHECKING:
@@ -59,7 +67,8 @@ class Api:
         self._verifier = verifier
 
     def handles(self, path: str) -> bool:
-        return path in ("/ws/rooms", "/ws/search") or _ROOM_PATH.fullmatch(path) is not None
+        return path in ("/ws/rooms", "/ws/search", "/ws/notifications", "/ws/notifications/ack") \
+            or _ROOM_PATH.fullmatch(path) is not None
 
     async def handle(self, method: str, path: str, query: str, headers: Mapping[str, str],
                      body: bytes | None) -> Reply:
@@ -72,6 +81,10 @@ class Api:
                 return await self._rooms(who)
             if path == "/ws/search" and method == "GET":
                 return await self._search(who, params)
+            if path == "/ws/notifications" and method == "GET":
+                return await self._notifications(who, params)
+            if path == "/ws/notifications/ack" and method == "POST":
+                return await self._ack_notifications(who, body)
             if match and match.group(2) == "messages" and method == "GET":
                 return await self._messages(who, unquote(match.group(1)), params)
             if match and match.group(2) == "presence" and method == "GET":
@@ -262,24 +275,59 @@ class Api:
                 pass
         return count
 
+    async def _notifications(self, who: Principal, params: dict[str, list[str]]) -> Reply:
+        """The caller's inbox, newest first; with unread=true only those not acknowledged."""
+        limit = min(_int_param(params, "limit", 50, 1, None), MAX_LIMIT)
+        unread = (params.get("unread") or ["false"])[0].lower() in ("1", "true", "yes")
+        before = _id_param(params, "before")
+        acked = await self._node.inbox.acknowledged(who.user_id)
+        room = inbox_room(who.user_id)
+        found: list[dict[str, Any]] = []
+        has_more = True
+        for _ in range(20):  # bounded scan when most are acknowledged
+            page = await self._node.history.page(room, limit=MAX_LIMIT, before=before)
+            for frame in page.messages:
+                frame["read"] = frame["id"] in acked
+                if not (unread and frame["read"]):
+                    found.append(frame)
+            has_more = page.has_more
+            if len(found) >= limit or not has_more or not page.messages:
+                break
+            before = parse_stream_id(page.messages[-1]["id"])
+        return ok({"notifications": found[:limit], "has_more": has_more or len(found) > limit})
+
+    async def _ack_notifications(self, who: Principal, body: bytes | None) -> Reply:
+        obj = _json_body(body, '{"ids": [...]} or {"id": "..."}')
+        try:
+            ids = parse_id_list(obj.get("ids"), obj.get("id"))
+        except ClientError as exc:
+            raise BadParameter(exc.message) from None
+        await self._node.inbox.acknowledge(who.user_id, ids)
+        return ok({"acknowledged": [format_stream_id(i) for i in ids]})
+
     async def _mark_read(self, who: Principal, name: str, body: bytes | None) -> Reply:
         room = await self._room(who, name)
-        if not body:
-            raise BadParameter('the body must be JSON: {"message_ids": [...]} or {"up_to": "..."}')
-        if len(body) > MAX_BODY_BYTES:
-            raise BadParameter("the body is too large")
-        try:
-            obj = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            raise BadParameter("the body is not valid JSON") from None
-        if not isinstance(obj, dict):
-            raise BadParameter("the body must be a JSON object")
+        obj = _json_body(body, '{"message_ids": [...]} or {"up_to": "..."}')
         try:
             up_to = parse_read_position(obj.get("message_ids"), obj.get("up_to"))
         except ClientError as exc:
             raise BadParameter(exc.message) from None
         position = await self._node.receipts.mark(room.name, who.user_id, up_to)
         return ok({"room": room.name, "up_to": format_stream_id(position)})
+
+
+def _json_body(body: bytes | None, shape: str) -> dict[str, Any]:
+    if not body:
+        raise BadParameter(f"the body must be JSON: {shape}")
+    if len(body) > MAX_BODY_BYTES:
+        raise BadParameter("the body is too large")
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise BadParameter("the body is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise BadParameter("the body must be a JSON object")
+    return obj
 
 
 def _int_param(params: dict[str, list[str]], name: str, default: int, low: int, high: int | None) -> int:

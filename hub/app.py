@@ -34,9 +34,11 @@ from hub.http_api import build_api_app
 from hub.keys import Keys
 from hub.lua import Scripts
 from hub.node import Node
+from hub.notifications import ReminderScheduler
 from hub.server import Handshake, json_response
 from hub.session import HubConnection, Outbox, Session
 from hub.streams import Publisher, Streams
+from hub.tasks import cancel_and_wait
 
 log = logging.getLogger("hub.app")
 
@@ -126,6 +128,7 @@ class App:
             loop.create_task(self.node.relay.run(), name="relay"),
             loop.create_task(self._heartbeat(), name="heartbeat"),
             loop.create_task(self._reap_idle(), name="idle-reaper"),
+            loop.create_task(ReminderScheduler(scripts, self.keys, self._publish_reminder).run(), name="reminders"),
         ]
         server_cfg = self.config.server
         self.server = await serve(
@@ -205,6 +208,10 @@ class App:
         await session.run()
 
     # ------------------------------------------------------------------ background work
+
+    async def _publish_reminder(self, room: str, fields: list[bytes | str], idempotency_id: str) -> None:
+        assert self.node is not None
+        await self.node.streams.append(room, fields, sender_id="reminders", idempotency_id=idempotency_id)
 
     async def _heartbeat_once(self) -> None:
         assert self.redis is not None and self.node is not None
@@ -302,9 +309,7 @@ class App:
                     await self.server.wait_closed()
             except TimeoutError:
                 log.warning("some connection handlers did not finish in time")
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(self._tasks)
         if self.node is not None:
             await self.node.relay.destroy_all_groups()
             await self.node.relay.close()

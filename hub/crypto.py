@@ -124,7 +124,7 @@ def _b64_any(text: str) -> bytes | None:
 
 def derive_kid(key: bytes) -> str:
     """The key id used when none is configured: the first 8 hex digits of SHA-256 of the raw key
-    (``base64 -d <<< KEY | sha256sum | cut -c1-8``). 32 bits of a hash of a 256-bit key reveal nothing."""
+    (padded base64 key: ``echo KEY | base64 -d | sha256sum | cut -c1-8``). 32 bits of its hash reveal nothing."""
     return hashlib.sha256(key).hexdigest()[:8]
 
 
@@ -147,7 +147,8 @@ def parse_key_entry(entry: str, *, name: str) -> tuple[str, bytes]:
         kid, value = text.split(":", 1)
         kid = kid.strip()
         if not _KID.fullmatch(kid):
-            raise ConfigError(f"config {name}: key id {kid[:40]!r} must be 1-32 of A-Z a-z 0-9 _ - "
+            # The text before ':' is not echoed: it may be the start of a passphrase.
+            raise ConfigError(f"config {name}: the key id before ':' must be 1-32 of A-Z a-z 0-9 _ - "
                               f"(passphrases containing ':' need the '{PASSPHRASE_PREFIX}' prefix)")
     key = parse_key(value, name=name)
     return (kid if kid is not None else derive_kid(key)), key

@@ -53,6 +53,18 @@ class Keys:
         """Sorted set: rooms the user joined, scored by the last join time (ms)."""
         return f"{self.prefix}{{user:{user_id}}}:rooms"
 
+    def inbox_acks(self, user_id: str) -> str:
+        """Set of notification ids the user acknowledged (read) in their inbox."""
+        return f"{self.prefix}{{inbox:{user_id}}}:acks"
+
+    def reminders_due(self) -> str:
+        """Sorted set of scheduled reminders (JSON) by due time (ms)."""
+        return f"{self.prefix}{{reminders}}:due"
+
+    def reminders_claimed(self) -> str:
+        """Sorted set of reminders a node is delivering, by lease end (ms)."""
+        return f"{self.prefix}{{reminders}}:claimed"
+
     # --- limits (one hash tag per subject, so each key is its own Cluster slot) --------------
     def rate(self, subject: str, what: str) -> str:
         """GCRA state for ``what`` (msg, typing, connect) of ``subject`` ("user:ID" or "ip:ADDR")."""

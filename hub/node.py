@@ -20,6 +20,7 @@ from hub.errors import ClientError, Forbidden, InvalidFrame, NotJoined, RateLimi
 from hub.history import History
 from hub.keys import Keys
 from hub.limits import Limits
+from hub.notifications import Inbox, auto_rooms, is_internal
 from hub.presence import Presence, TypingIndicators
 from hub.protocol import (
     ChatMessage,
@@ -28,6 +29,7 @@ from hub.protocol import (
     JoinRoom,
     LeaveRoom,
     MarkRead,
+    NotificationAck,
     Ping,
     PresenceQuery,
     SetPresence,
@@ -85,6 +87,7 @@ class Node:
                            self._recheck_room_access)
         self.typing = TypingIndicators(streams.scripts, keys, config.rooms.typing_ttl_ms)
         self.presence = Presence(streams.scripts, keys, node_id)
+        self.inbox = Inbox(streams.scripts, keys)
         self.limits = Limits(streams.scripts, keys, config.server, node_id, int(config.relay.node_ttl_s * 1000))
         self.history = History(streams, pool)
         self.receipts = Receipts(streams.scripts, keys, pool)
@@ -97,6 +100,29 @@ class Node:
     def session_opened(self, session: Session) -> None:
         self.registry.add_session(session)
         self.metrics.connections_opened += 1
+
+    async def session_connected(self, session: Session) -> None:
+        """Attach a new connection to its user's inbox (replaying what arrived while they were away),
+        the system stream and its roles' streams: events only, no presence."""
+        limit = self.config.rooms.max_replay
+        for room in auto_rooms(session.user_id, session.principal.roles):
+            try:
+                member = await self._attach(room, session, buffering=True)
+                member.joined = True
+                position = await self.streams.open_room(room)
+                replay = []
+                if room.startswith("inbox:"):
+                    since = await self.inbox.delivered(session.user_id)
+                    entries = await self.streams.read_after(room, since, limit)
+                    replay = [d for d in (entry_to_delivery(room, eid, f) for eid, f in entries) if d is not None]
+                for delivery in replay:
+                    session.send_wire(delivery.wire)
+                last = max(position.last_id, replay[-1].entry_id) if replay else position.last_id
+                self.registry.go_live(member, last)
+                if replay:
+                    await self.inbox.mark_delivered(room, replay[-1].entry_id)
+            except (Unavailable, RedisError) as exc:
+                log.warning("could not attach %s to %s: %s", session.id, room, type(exc).__name__)
 
     async def session_closed(self, session: Session) -> None:
         self.registry.remove_session(session)
@@ -182,6 +208,10 @@ class Node:
             await self.check_access(room, session.principal, session)
             users = await self.presence.in_room(room.name)
             session.send(_with_request_id({"type": "presence_state", "room": room.name, "users": users}, env))
+        elif isinstance(frame, NotificationAck):
+            await self.inbox.acknowledge(session.user_id, frame.ids)
+            session.send(_with_request_id({"type": "notification_acked",
+                                           "ids": [format_stream_id(i) for i in frame.ids]}, env))
         elif isinstance(frame, Ping):
             session.send(_with_request_id({"type": "pong", "server_time": iso_ms(_now_ms())}, env))
         else:  # pragma: no cover - parse_client_frame only returns the types above
@@ -322,7 +352,7 @@ class Node:
 
     async def _leave(self, room: str, session: Session) -> None:
         member = self.registry.membership(room, session)
-        if member is not None and member.joined:
+        if member is not None and member.joined and not is_internal(room):
             await self._forget_presence(session, room)
         async with self.registry.lock(room):
             if self.registry.remove(room, session) and room in self.relay.active:

@@ -20,6 +20,7 @@ from redis.exceptions import NoScriptError, RedisError
 from hub.keys import Keys
 from hub.lua import Scripts
 from hub.protocol import iso_ms
+from hub.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from hub.session import Session
@@ -88,10 +89,7 @@ class TypingIndicators:
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(list(self._tasks))
 
 
 class Presence:

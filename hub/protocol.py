@@ -100,13 +100,18 @@ class PresenceQuery:
 
 
 @dataclass(frozen=True)
+class NotificationAck:
+    ids: list[StreamId]
+
+
+@dataclass(frozen=True)
 class MarkRead:
     room: Any
     up_to: StreamId
 
 
 ClientFrame = (JoinRoom | LeaveRoom | ChatMessage | Typing | SubscribeUpdates | Ping | MarkRead | SetPresence
-               | PresenceQuery)
+               | PresenceQuery | NotificationAck)
 
 
 @dataclass(frozen=True)
@@ -241,24 +246,9 @@ MAX_MARK_IDS = 1000
 
 def parse_read_position(message_ids: Any, up_to: Any) -> StreamId:
     """``up_to`` (a stream id) or the newest of ``message_ids`` (stream ids): the read position."""
-    ids: list[Any]
-    if up_to is not None:
-        ids = [up_to]
-    elif isinstance(message_ids, list) and message_ids:
-        if len(message_ids) > MAX_MARK_IDS:
-            raise InvalidFrame(f"message_ids holds at most {MAX_MARK_IDS} ids")
-        ids = message_ids
-    else:
+    if up_to is None and not (isinstance(message_ids, list) and message_ids):
         raise InvalidFrame("give up_to (a message id) or message_ids (a non-empty list of message ids)")
-    parsed = []
-    for value in ids:
-        try:
-            parsed.append(parse_stream_id(value) if isinstance(value, str) else None)
-        except ValueError:
-            parsed.append(None)
-        if parsed[-1] is None:
-            raise InvalidFrame("message ids are the stream ids messages carry, like '1700000000000-0'")
-    return max(p for p in parsed if p is not None)
+    return max(parse_id_list(message_ids, up_to))
 
 
 def _presence(obj: dict[str, Any], _a: int, _b: int) -> SetPresence:
@@ -270,6 +260,26 @@ def _presence(obj: dict[str, Any], _a: int, _b: int) -> SetPresence:
 
 def _presence_query(obj: dict[str, Any], _a: int, _b: int) -> PresenceQuery:
     return PresenceQuery(obj.get("room"))
+
+
+def parse_id_list(value: Any, single: Any = None) -> list[StreamId]:
+    """A non-empty list of stream ids (or one id given alone)."""
+    values = [single] if single is not None else value
+    if not isinstance(values, list) or not values or len(values) > MAX_MARK_IDS:
+        raise InvalidFrame(f"give id (a message id) or ids (a list of 1-{MAX_MARK_IDS} message ids)")
+    ids = []
+    for item in values:
+        try:
+            ids.append(parse_stream_id(item) if isinstance(item, str) else None)
+        except ValueError:
+            ids.append(None)
+        if ids[-1] is None:
+            raise InvalidFrame("message ids are the stream ids messages carry, like '1700000000000-0'")
+    return [i for i in ids if i is not None]
+
+
+def _notification_ack(obj: dict[str, Any], _a: int, _b: int) -> NotificationAck:
+    return NotificationAck(parse_id_list(obj.get("ids"), obj.get("id")))
 
 
 def _mark_read(obj: dict[str, Any], _a: int, _b: int) -> MarkRead:
@@ -290,6 +300,7 @@ _PARSERS: dict[str, Any] = {
     "mark_read": _mark_read,
     "presence": _presence,
     "presence_query": _presence_query,
+    "notification_ack": _notification_ack,
 }
 CLIENT_FRAME_TYPES = frozenset(_PARSERS)
 

@@ -24,9 +24,11 @@ from redis.exceptions import RedisError, ResponseError
 
 from hub.config import RelayConfig
 from hub.keys import Keys
-from hub.protocol import Delivery, entry_to_delivery
+from hub.notifications import INBOX_PREFIX, Inbox
+from hub.protocol import Delivery, StreamId, entry_to_delivery
 from hub.registry import Registry
 from hub.streams import Streams
+from hub.tasks import cancel_and_wait
 
 log = logging.getLogger("hub.relay")
 
@@ -42,6 +44,7 @@ class Relay:
         self._consumer = node_id
         self._config = config
         self._on_acl_change = on_acl_change
+        self._inbox = Inbox(streams.scripts, keys)
         # Rooms whose group exists and whose notifications we receive.
         self.active: set[str] = set()
         # Rooms to read on the next turn of the read loop.
@@ -74,10 +77,7 @@ class Relay:
             tasks.create_task(self._sweep())
 
     async def close(self) -> None:
-        for task in list(self._acl_tasks):
-            task.cancel()
-        if self._acl_tasks:
-            await asyncio.gather(*self._acl_tasks, return_exceptions=True)
+        await cancel_and_wait(list(self._acl_tasks))
         if self._pubsub is not None:
             await self._pubsub.aclose()  # type: ignore[no-untyped-call]
 
@@ -253,6 +253,7 @@ class Relay:
         if not response:
             return
         acks = self._redis.pipeline(transaction=False)
+        delivered_marks: list[tuple[str, StreamId]] = []
         for key, entries in _stream_items(response):
             name = self._keys.room_of_key(key.decode() if isinstance(key, bytes) else key)
             if name is None or not entries:
@@ -268,11 +269,16 @@ class Relay:
                     deliveries.append(delivery)
             self._registry.deliver(name, deliveries)
             self.entries_delivered += len(deliveries)
+            if deliveries and name.startswith(INBOX_PREFIX):
+                delivered_marks.append((name, deliveries[-1].entry_id))
             acks.xack(key, self._group, *[entry_id for entry_id, _ in entries])
             if len(entries) >= self._config.read_count:
                 self._dirty.add(name)  # more may be waiting
                 self._wake.set()
         await acks.execute(raise_on_error=False)
+        for room, last in delivered_marks:
+            # Handed to the user's live connections: an offline replay must not repeat it.
+            await self._inbox.mark_delivered(room, last)
 
 
 def _stream_items(response: Any) -> list[tuple[Any, list[tuple[bytes, dict[bytes, bytes]]]]]:

@@ -162,6 +162,7 @@ class Session:
             "server_time": _now_iso(),
             "heartbeat_s": self.node.config.server.ping_interval_s,
         })
+        await self.node.session_connected(self)
         try:
             async for raw in conn:
                 self.last_frame_at = time.monotonic()

@@ -107,10 +107,15 @@ class Streams:
     async def revoke(self, room: str, user_ids: Sequence[str]) -> int:
         return int(await self.redis.srem(self.keys.acl(room), *user_ids))
 
-    async def append(self, room: str, fields: Sequence[bytes | str]) -> str:
-        """Append one entry (creating the room's epoch if new). Returns the stream id."""
-        sid, _epoch, _dup = await self.scripts.call(
-            "room_publish", [self.keys.stream(room), self.keys.meta(room)], [new_epoch(), 0, *fields])
+    async def append(self, room: str, fields: Sequence[bytes | str], *, sender_id: str = "",
+                     idempotency_id: str | None = None, idempotency_ttl_s: int = 86_400) -> str:
+        """Append one entry (creating the room's epoch if new). Returns the stream id. With
+        ``idempotency_id``, a second append with the same (sender, id) appends nothing and returns
+        the first one's id."""
+        keys = [self.keys.stream(room), self.keys.meta(room)]
+        if idempotency_id is not None:
+            keys.append(self.keys.idempotency(room, sender_id, idempotency_id))
+        sid, _epoch, _dup = await self.scripts.call("room_publish", keys, [new_epoch(), idempotency_ttl_s, *fields])
         return str(sid.decode())
 
     async def remember_join(self, user_id: str, room: str) -> None:

@@ -1,0 +1,160 @@
+"""Notifications that are not chat: per-user inbox streams, system-wide and per-role announcement
+streams, and deadline reminders (scheduled in Redis, delivered once by whichever node is up).
+
+Every connection is attached, events-only, to its user's inbox (``inbox:{user}``), to ``system``
+and to ``role:{role}`` for each of its roles. These are internal room names (clients cannot join
+them by name); their streams are ordinary room streams, so a backend publishes with a plain XADD,
+the archiver stores them, and delivery, ordering and resume work as for rooms.
+
+Offline inbox: each inbox remembers the newest entry delivered to any of the user's connections
+(``delivered`` in its meta hash). A connection replays what came after it, then the mark moves; so a
+notification sent while the user was away arrives on their next connect, once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from hub.keys import Keys
+from hub.lua import Scripts
+from hub.protocol import StreamId, format_stream_id, iso_ms, parse_stream_id
+
+log = logging.getLogger("hub.notifications")
+
+INBOX_PREFIX = "inbox:"
+SYSTEM_ROOM = "system"
+ROLE_PREFIX = "role:"
+
+
+def inbox_room(user_id: str) -> str:
+    return f"{INBOX_PREFIX}{user_id}"
+
+
+def role_room(role: str) -> str:
+    return f"{ROLE_PREFIX}{role}"
+
+
+def is_internal(room: str) -> bool:
+    """Rooms the hub attaches connections to by itself (never joined by name)."""
+    return room == SYSTEM_ROOM or room.startswith((INBOX_PREFIX, ROLE_PREFIX))
+
+
+def auto_rooms(user_id: str, roles: Iterable[str]) -> list[str]:
+    return [inbox_room(user_id), SYSTEM_ROOM, *(role_room(r) for r in sorted(roles))]
+
+
+class Inbox:
+    def __init__(self, scripts: Scripts, keys: Keys) -> None:
+        self._scripts = scripts
+        self._redis = scripts.redis
+        self._keys = keys
+
+    async def delivered(self, user_id: str) -> StreamId:
+        raw: Any = await self._redis.hget(self._keys.meta(inbox_room(user_id)), "delivered")
+        return parse_stream_id(raw.decode()) if raw else (0, 0)
+
+    async def mark_delivered(self, room: str, up_to: StreamId) -> None:
+        """Move the inbox's delivered mark forward (never back)."""
+        await self._scripts.call("inbox_delivered", [self._keys.meta(room)], [format_stream_id(up_to)])
+
+    async def acknowledge(self, user_id: str, ids: list[StreamId]) -> None:
+        key = self._keys.inbox_acks(user_id)
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.sadd(key, *(format_stream_id(i) for i in ids))
+        pipe.expire(key, 90 * 86400)
+        await pipe.execute()
+
+    async def acknowledged(self, user_id: str) -> set[str]:
+        raw: Any = await self._redis.smembers(self._keys.inbox_acks(user_id))
+        return {r.decode() for r in raw}
+
+
+# ---------------------------------------------------------------------- reminders
+
+
+@dataclass(frozen=True)
+class Reminder:
+    id: str
+    room: str
+    due_ms: int
+    text: str
+    data: dict[str, Any]
+
+    def encode(self) -> str:
+        return orjson.dumps({"id": self.id, "room": self.room, "due_ms": self.due_ms, "text": self.text,
+                             "data": self.data}).decode()
+
+    @staticmethod
+    def decode(raw: bytes | str) -> Reminder | None:
+        try:
+            obj = orjson.loads(raw)
+            return Reminder(str(obj["id"]), str(obj["room"]), int(obj["due_ms"]), str(obj.get("text", "")),
+                            dict(obj.get("data") or {}))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            return None
+
+
+async def schedule_reminder(redis: Redis, keys: Keys, room: str, due_ms: int, text: str,
+                            data: dict[str, Any] | None = None) -> Reminder:
+    """Schedule a deadline_reminder for ``room`` (a room name or an internal ``inbox:USER``)."""
+    reminder = Reminder(secrets.token_hex(8), room, due_ms, text, data or {})
+    await redis.zadd(keys.reminders_due(), {reminder.encode(): due_ms})
+    return reminder
+
+
+class ReminderScheduler:
+    """Run by every node: claims due reminders (a lease, so a node that dies mid-delivery hands them
+    to another), publishes each idempotently (its id is the client_msg_id), then drops it."""
+
+    def __init__(self, scripts: Scripts, keys: Keys, publish: Any, poll_s: float = 0.25,
+                 lease_ms: int = 10_000) -> None:
+        self._scripts = scripts
+        self._keys = keys
+        self._publish = publish  # async (room, fields, idempotency id) -> None
+        self._poll_s = poll_s
+        self._lease_ms = lease_ms
+        self.delivered = 0
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except RedisError as exc:
+                log.warning("reminder poll failed: %s", type(exc).__name__)
+            await asyncio.sleep(self._poll_s)
+
+    async def tick(self) -> int:
+        now_ms = int(time.time() * 1000)
+        claimed: Any = await self._scripts.call(
+            "reminders_claim", [self._keys.reminders_due(), self._keys.reminders_claimed()],
+            [now_ms, self._lease_ms, 100])
+        done = 0
+        for raw in claimed or []:
+            reminder = Reminder.decode(raw)
+            if reminder is None:
+                log.warning("dropping a malformed reminder")
+                await self._scripts.redis.zrem(self._keys.reminders_claimed(), raw)
+                continue
+            late_ms = max(0, now_ms - reminder.due_ms)
+            data = {**reminder.data, "text": reminder.text, "due_at": iso_ms(reminder.due_ms)}
+            if late_ms > 1000:
+                data["late"] = True
+                data["late_by_ms"] = late_ms
+            fields: list[bytes | str] = ["type", "deadline_reminder", "sender_id", "reminders",
+                                         "content", reminder.text, "data", orjson.dumps(data),
+                                         "created_at", str(now_ms)]
+            await self._publish(reminder.room, fields, f"reminder-{reminder.id}")
+            await self._scripts.redis.zrem(self._keys.reminders_claimed(), raw)
+            done += 1
+        self.delivered += done
+        return done
