@@ -6,8 +6,9 @@ Guarantees:
   to the dead-letter stream with its reason). A crash in between redelivers it, and the insert's
   ``ON CONFLICT DO NOTHING`` on (room, epoch, stream id) makes the second write a no-op: every
   entry is stored exactly once.
-- Memory is bounded by ``batch_max_rows``: while PostgreSQL is down the archiver stops reading and
-  retries the batch it holds; the entries wait in Redis.
+- Memory is bounded by two batches of ``batch_max_rows``: one being written while the next is read
+  (reading overlaps writing). While PostgreSQL is down the archiver retries the batch it is writing,
+  fills the next one and then stops reading; the rest waits in Redis.
 - Cost follows rooms with new data: a pattern subscription on the room streams' keyspace channel
   wakes the rooms that received entries; a slow sweep claims entries left by dead archivers.
 - A stream is trimmed only below what the group has acknowledged and below the hot window.
@@ -60,6 +61,7 @@ class Pending:
     # Pending entries whose data was trimmed away meanwhile: only acknowledged.
     gone: list[tuple[str, bytes]] = field(default_factory=list)
     first_at: float = 0.0  # monotonic time the oldest entry was read
+    size: int = 0  # bytes of the entries' fields (bounds memory with batch_max_bytes)
 
     def __len__(self) -> int:
         return len(self.rows) + len(self.poison) + len(self.gone)
@@ -69,6 +71,7 @@ class Pending:
         self.poison.clear()
         self.gone.clear()
         self.first_at = 0.0
+        self.size = 0
 
 
 @dataclass
@@ -97,6 +100,8 @@ class Archiver:
         self._wake = asyncio.Event()
         self._epochs: dict[str, str] = {}
         self._pending = Pending()
+        # The batch being written and acknowledged while the next one is read; None when idle.
+        self._inflight: asyncio.Task[None] | None = None
         self._months: set[datetime] = set()
         # The PostgreSQL connection; None while disconnected (re-made on the next flush).
         self._conn: asyncpg.Connection | None = None
@@ -113,10 +118,16 @@ class Archiver:
         await self._pubsub.psubscribe(self._keys.keyspace_stream_pattern())
         await self._discover()
         # Entries this consumer read before a crash are re-read first (their rows may or may not
-        # have committed; ON CONFLICT makes either case right).
-        await self._read(sorted(self._rooms), own_pending=True)
+        # have committed; ON CONFLICT makes either case right), batch by batch until none is left.
+        while await self._read(sorted(self._rooms), own_pending=True):
+            await self._flush()
+            await self._drain()
 
     async def close(self) -> None:
+        if self._inflight is not None:
+            # Not acknowledged: redelivered to the next run, and stored once thanks to ON CONFLICT.
+            await cancel_and_wait([self._inflight])
+            self._inflight = None
         if self._pubsub is not None:
             await self._pubsub.aclose()  # type: ignore[no-untyped-call]
         if self._conn is not None:
@@ -131,6 +142,8 @@ class Archiver:
                 idle = await self._turn()
                 if burst and idle:
                     await self._claim_all(min_idle_ms=self._config.claim_idle_ms)
+                    await self._flush()
+                    await self._drain()
                     if not self._dirty and not self._pending:
                         await self._trim(force=True)
                         return self.stats
@@ -142,6 +155,7 @@ class Archiver:
         and nothing is waiting."""
         now = time.monotonic()
         if self._pending and (len(self._pending) >= self._config.batch_max_rows
+                              or self._pending.size >= self._config.batch_max_bytes
                               or now - self._pending.first_at >= self._config.batch_max_age_ms / 1000):
             await self._flush()
         if now - self._last_sweep >= self._config.sweep_interval_s:
@@ -222,7 +236,7 @@ class Archiver:
                     await self._ensure_group(room)
             while chunk:
                 room_space = self._config.batch_max_rows - len(self._pending)
-                if room_space <= 0:
+                if room_space <= 0 or self._pending.size >= self._config.batch_max_bytes:
                     self._dirty.update(chunk)  # come back after the flush
                     await self._flush()
                     room_space = self._config.batch_max_rows
@@ -268,6 +282,7 @@ class Archiver:
             if fields is None:
                 self._pending.gone.append((room, entry_id))  # trimmed while pending: nothing to store
                 continue
+            self._pending.size += sum(map(len, fields)) + sum(map(len, fields.values()))
             converted = entry_to_row(room, epoch, entry_id, fields, self._config.max_entry_bytes)
             if isinstance(converted, Poison):
                 self._pending.poison.append((room, entry_id, fields, converted.reason))
@@ -305,13 +320,26 @@ class Archiver:
     # ------------------------------------------------------------------ writing
 
     async def _flush(self) -> None:
-        """Write the pending batch (retrying while PostgreSQL is away), then acknowledge it."""
+        """Hand the pending batch to a writer task (after the previous one finished), so the next
+        batch is read while this one is written. At most one batch is written at a time, in order."""
         if not self._pending:
             return
+        await self._drain()
+        batch, self._pending = self._pending, Pending()
+        self._inflight = asyncio.ensure_future(self._store(batch))
+
+    async def _drain(self) -> None:
+        """Wait until the batch being written is committed and acknowledged."""
+        if self._inflight is not None:
+            inflight, self._inflight = self._inflight, None
+            await inflight
+
+    async def _store(self, batch: Pending) -> None:
+        """Write ``batch`` (retrying while PostgreSQL is away), then acknowledge it."""
         delay = 0.05
         while True:
             try:
-                await self._write(self._pending.rows)
+                await self._write(batch, batch.rows)
                 break
             except _CONNECTION_ERRORS as exc:
                 self.stats.retries += 1
@@ -322,9 +350,9 @@ class Archiver:
         if self._config.crash_after_commit:
             log.error("crash_after_commit: exiting between commit and XACK (test fault injection)")
             os._exit(137)
-        await self._acknowledge()
+        await self._acknowledge(batch)
 
-    async def _write(self, rows: list[tuple[str, bytes, Row]]) -> None:
+    async def _write(self, batch: Pending, rows: list[tuple[str, bytes, Row]]) -> None:
         """Store ``rows``; a row PostgreSQL refuses is isolated by bisection and dead-lettered."""
         if not rows:
             return
@@ -337,13 +365,13 @@ class Archiver:
         except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:
             if len(rows) == 1:
                 room_name, entry_id, _ = rows[0]
-                self._pending.rows.remove(rows[0])
+                batch.rows.remove(rows[0])
                 fields = await self._fields(room_name, entry_id)
-                self._pending.poison.append((room_name, entry_id, fields, f"PostgreSQL refused it: {exc}"[:500]))
+                batch.poison.append((room_name, entry_id, fields, f"PostgreSQL refused it: {exc}"[:500]))
                 return
             middle = len(rows) // 2
-            await self._write(rows[:middle])
-            await self._write(rows[middle:])
+            await self._write(batch, rows[:middle])
+            await self._write(batch, rows[middle:])
 
     async def _insert(self, conn: asyncpg.Connection, rows: list[Row]) -> None:
         """COPY into the connection's staging table, move new rows into messages and update the rooms
@@ -377,7 +405,6 @@ class Archiver:
                 )
                 SELECT count(*) FROM inserted""".replace(
                 "newer", "(EXCLUDED.last_stream_ms, EXCLUDED.last_stream_seq) > (r.last_stream_ms, r.last_stream_seq)"))
-            await conn.execute("TRUNCATE archiver_staging")
         self.stats.rows_written += int(inserted or 0)
         self.stats.batches += 1
 
@@ -385,9 +412,8 @@ class Archiver:
         rows: Any = await self._redis.xrange(self._keys.stream(room), min=entry_id, max=entry_id, count=1)
         return dict(rows[0][1] or {}) if rows else {}
 
-    async def _acknowledge(self) -> None:
+    async def _acknowledge(self, pending: Pending) -> None:
         """Dead-letter the poison entries, then XACK everything in the batch, in one round trip."""
-        pending = self._pending
         by_room: dict[str, list[bytes]] = {}
         for room, entry_id, _ in pending.rows:
             by_room.setdefault(room, []).append(entry_id)
@@ -421,8 +447,9 @@ class Archiver:
         if self._conn is None or self._conn.is_closed():
             conn = await asyncpg.connect(self._pg.url, timeout=5, server_settings={
                 "search_path": self._pg.schema, "application_name": f"streamhub-archiver:{self.consumer}"})
+            # Emptied by every commit (cheaper than a TRUNCATE per batch).
             await conn.execute("CREATE TEMP TABLE IF NOT EXISTS archiver_staging "
-                               "(LIKE messages_staging INCLUDING DEFAULTS)")
+                               "(LIKE messages_staging INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
             self._conn = conn
         return self._conn
 
@@ -436,7 +463,7 @@ class Archiver:
     async def _trim(self, force: bool = False) -> None:
         """Trim rooms that received entries: only below what is acknowledged and the hot window."""
         self._last_trim = time.monotonic()
-        if self._pending and not force:
+        if (self._pending or self._inflight is not None) and not force:
             return
         rooms, self._to_trim = self._to_trim, set()
         floor_ms = int(time.time() * 1000) - self._config.hot_window_s * 1000

@@ -24,48 +24,55 @@ class Poison:
 Row = tuple[Any, ...]
 
 
+_STORED_FIELDS = (b"type", b"sender_id", b"content", b"message_type", b"client_msg_id", b"metadata", b"data",
+                  b"created_at")
+
+
 def entry_to_row(room: str, epoch: str, entry_id: bytes, fields: dict[bytes, bytes],
                  max_entry_bytes: int) -> Row | Poison:
-    """The ``messages`` row for one stream entry, or why it cannot be stored."""
+    """The ``messages`` row for one stream entry, or why it cannot be stored. Fields the hub does not
+    store are ignored; the stored ones must be UTF-8 without NUL (PostgreSQL text refuses NUL)."""
     try:
         ms, seq = parse_stream_id(entry_id.decode("ascii"))
     except (UnicodeDecodeError, ValueError):
         return Poison("malformed stream id")
-    size = sum(len(k) + len(v) for k, v in fields.items())
+    size = sum(map(len, fields)) + sum(map(len, fields.values()))
     if size > max_entry_bytes:
         return Poison(f"entry is {size} bytes, over archiver.max_entry_bytes={max_entry_bytes}")
-    text: dict[str, str] = {}
-    for key, value in fields.items():
+    text: dict[bytes, str] = {}
+    for name in _STORED_FIELDS:
+        value = fields.get(name)
+        if value is None:
+            continue
+        if b"\x00" in value:
+            return Poison(f"field {name.decode()!r} contains a NUL byte")
         try:
-            name, decoded = key.decode("utf-8"), value.decode("utf-8")
+            text[name] = value.decode("utf-8")
         except UnicodeDecodeError:
-            return Poison(f"field {key[:40]!r} is not valid UTF-8")
-        if "\x00" in decoded or "\x00" in name:
-            return Poison(f"field {name[:40]!r} contains a NUL byte")
-        text[name] = decoded
-    etype = text.get("type") or "chat_message"
+            return Poison(f"field {name.decode()!r} is not valid UTF-8")
+    etype = text.get(b"type") or "chat_message"
     if etype != "chat_message" and etype not in EVENT_TYPES:
         return Poison(f"unknown type {etype[:40]!r}")
-    content = text.get("content")
+    content = text.get(b"content")
     if etype == "chat_message" and content is None:
         return Poison("chat_message without content")
-    message_type = text.get("message_type")
+    message_type = text.get(b"message_type")
     if message_type is not None and message_type not in CLIENT_MESSAGE_TYPES:
         return Poison(f"unknown message_type {message_type[:40]!r}")
-    metadata = _json_object(text.get("metadata"))
+    metadata = _json_object(text.get(b"metadata"))
     if isinstance(metadata, Poison):
         return Poison(f"metadata: {metadata.reason}")
-    data = _json_object(text.get("data"))
+    data = _json_object(text.get(b"data"))
     if isinstance(data, Poison):
         return Poison(f"data: {data.reason}")
     stream_ts = datetime.fromtimestamp(ms / 1000, tz=UTC)
     created_at = stream_ts
-    created_text = text.get("created_at")
+    created_text = text.get(b"created_at")
     if created_text is not None and created_text.isdigit() and len(created_text) <= 15:
         created_at = datetime.fromtimestamp(int(created_text) / 1000, tz=UTC)
-    return (room, epoch, ms, seq, stream_ts, etype, text.get("sender_id"), content,
+    return (room, epoch, ms, seq, stream_ts, etype, text.get(b"sender_id"), content,
             (message_type or "text") if etype == "chat_message" else message_type,
-            text.get("client_msg_id"), metadata, data, created_at)
+            text.get(b"client_msg_id"), metadata, data, created_at)
 
 
 def _json_object(value: str | None) -> str | Poison | None:

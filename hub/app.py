@@ -34,7 +34,7 @@ from hub.http_api import build_api_app
 from hub.keys import Keys
 from hub.lua import Scripts
 from hub.node import Node
-from hub.notifications import ReminderScheduler
+from hub.notifications import ReminderScheduler, is_internal
 from hub.server import Handshake, json_response
 from hub.session import HubConnection, Outbox, Session
 from hub.streams import Publisher, Streams
@@ -279,7 +279,7 @@ class App:
                 "connection_stats": {
                     "total_connections": len(registry.sessions) if registry else 0,
                     "unique_users": len(registry.users) if registry else 0,
-                    "total_rooms": len(registry.rooms) if registry else 0,
+                    "total_rooms": sum(1 for r in registry.rooms if not is_internal(r)) if registry else 0,
                 },
             },
         }

@@ -94,12 +94,15 @@ class PostgresConfig:
 
 @dataclass(frozen=True)
 class ArchiverConfig:
-    # A batch is written when it holds this many entries...
-    batch_max_rows: int = 500
+    # A batch is written when it holds this many entries (larger batches amortise the round trips:
+    # 500 reached 0.43 of raw COPY here, 2000 0.58, 5000 0.69)...
+    batch_max_rows: int = 4000
+    # ...or this many bytes of entries (bounds memory when entries are large)...
+    batch_max_bytes: int = 8_388_608
     # ...or when its oldest entry has waited this long.
     batch_max_age_ms: int = 200
     # Entries read per room per XREADGROUP call.
-    read_count: int = 500
+    read_count: int = 1000
     # Entries pending this long with another (dead) archiver are claimed (XAUTOCLAIM).
     claim_idle_ms: int = 30_000
     # How often known rooms are checked for entries to claim, and re-read as a safety net.
@@ -219,8 +222,8 @@ class Config:
                "must start with postgresql://")
         _check(self.postgres.schema.isidentifier(), "postgres.schema", "must be a plain identifier")
         _check(self.postgres.statement_timeout_ms > 0, "postgres.statement_timeout_ms", "must be positive")
-        for name in ("batch_max_rows", "batch_max_age_ms", "read_count", "claim_idle_ms", "max_entry_bytes",
-                     "hot_window_s"):
+        for name in ("batch_max_rows", "batch_max_bytes", "batch_max_age_ms", "read_count", "claim_idle_ms",
+                     "max_entry_bytes", "hot_window_s"):
             _check(getattr(self.archiver, name) > 0, f"archiver.{name}", "must be positive")
         for name in ("sweep_interval_s", "trim_interval_s", "max_retry_delay_s"):
             _check(getattr(self.archiver, name) > 0, f"archiver.{name}", "must be positive")

@@ -344,7 +344,7 @@ class Node:
         session.status = status
         for room in list(session.rooms):
             member = self.registry.membership(room, session)
-            if member is not None and member.joined:
+            if member is not None and member.joined and not is_internal(room):
                 try:
                     await self.presence.update(session, room, status)
                 except RedisError as exc:

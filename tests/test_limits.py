@@ -13,7 +13,7 @@ from websockets.exceptions import InvalidStatus
 from hub.keys import Keys
 from hub.server import client_ip
 from tests.conftest import NodeFactory, url_of
-from tests.helpers import connect
+from tests.helpers import connect, wait_until
 
 ROOM = "channel_limits"
 
@@ -82,9 +82,7 @@ async def test_one_connection_more_than_the_ip_cap_gets_429(nodes: NodeFactory) 
     await held[0].close()
     assert a.node is not None
     registry = a.node.registry
-    async with asyncio.timeout(5):
-        while "1" in registry.users:
-            await asyncio.sleep(0.01)
+    await wait_until(lambda: "1" not in registry.users, what="the closed connection to leave the node")
     again = await connect(url_of(b), "4")
     assert again.established["type"] == "connection_established"
 

@@ -110,7 +110,8 @@ async def bench_raw_copy(admin: asyncpg.Connection, n: int, rooms: list[str], ba
 
 
 async def bench_archiver(admin: asyncpg.Connection, redis: Redis, n: int, rooms: list[str],
-                         prefixes: list[str], schemas: list[str]) -> tuple[float, dict[str, Any]]:
+                         prefixes: list[str], schemas: list[str],
+                         archiver_batch: int | None = None) -> tuple[float, dict[str, Any]]:
     prefix = f"bench{secrets.token_hex(4)}:"
     prefixes.append(prefix)
     keys = Keys(prefix)
@@ -122,7 +123,8 @@ async def bench_archiver(admin: asyncpg.Connection, redis: Redis, n: int, rooms:
         for i in range(first, min(first + 1000, n)):
             pipe.xadd(keys.stream(rooms[i % len(rooms)]), entry_fields(i, now_ms))  # type: ignore[arg-type]
         await pipe.execute()
-    archiver = Archiver(redis, keys, PostgresConfig(url=PG_URL, schema=schema), ArchiverConfig(name="bench"))
+    archiver = Archiver(redis, keys, PostgresConfig(url=PG_URL, schema=schema), ArchiverConfig(
+        name="bench", **({"batch_max_rows": archiver_batch, "read_count": archiver_batch} if archiver_batch else {})))
     started = time.perf_counter()
     try:
         await archiver.start()
@@ -163,7 +165,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     try:
         for run in range(1, args.runs + 1):
             copy_rate = await bench_raw_copy(admin, args.rows, rooms, args.batch, schemas)
-            archiver_rate, stats = await bench_archiver(admin, redis, args.rows, rooms, prefixes, schemas)
+            archiver_rate, stats = await bench_archiver(admin, redis, args.rows, rooms, prefixes, schemas,
+                                                        args.archiver_batch)
             copy_rates.append(copy_rate)
             archiver_rates.append(archiver_rate)
             archiver_stats.append(stats)
@@ -199,6 +202,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=3, help="runs; medians are reported (default 3)")
     parser.add_argument("--rooms", type=int, default=50, help="room streams for the archiver run (default 50)")
     parser.add_argument("--batch", type=int, default=500, help="rows per raw COPY (default 500)")
+    parser.add_argument("--archiver-batch", type=int, default=None,
+                        help="the archiver's batch_max_rows and read_count (default: its config default)")
     args = parser.parse_args(argv)
     if args.rows <= 0 or args.runs <= 0 or args.rooms <= 0 or args.batch <= 0:
         parser.error("--rows, --runs, --rooms and --batch must be positive")
