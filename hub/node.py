@@ -101,28 +101,36 @@ class Node:
         self.registry.add_session(session)
         self.metrics.connections_opened += 1
 
-    async def session_connected(self, session: Session) -> None:
+    async def session_connected(self, session: Session, hello: dict[str, Any]) -> None:
         """Attach a new connection to its user's inbox (replaying what arrived while they were away),
-        the system stream and its roles' streams: events only, no presence."""
+        the system stream and its roles' streams (events only, no presence), then send ``hello``
+        (connection_established), the inbox replay, and go live: once the client has the hello, no
+        notification published from then on can miss it."""
         limit = self.config.rooms.max_replay
+        attached: list[tuple[str, Membership, StreamId, list[Delivery]]] = []
         for room in auto_rooms(session.user_id, session.principal.roles):
             try:
                 member = await self._attach(room, session, buffering=True)
                 member.joined = True
                 position = await self.streams.open_room(room)
-                replay = []
+                replay: list[Delivery] = []
                 if room.startswith("inbox:"):
                     since = await self.inbox.delivered(session.user_id)
                     entries = await self.streams.read_after(room, since, limit)
                     replay = [d for d in (entry_to_delivery(room, eid, f) for eid, f in entries) if d is not None]
-                for delivery in replay:
-                    session.send_wire(delivery.wire)
                 last = max(position.last_id, replay[-1].entry_id) if replay else position.last_id
-                self.registry.go_live(member, last)
-                if replay:
-                    await self.inbox.mark_delivered(room, replay[-1].entry_id)
+                attached.append((room, member, last, replay))
             except (Unavailable, RedisError) as exc:
                 log.warning("could not attach %s to %s: %s", session.id, room, type(exc).__name__)
+        # No await from here to the last go_live: the hello, the replays and live frames keep order.
+        session.send(hello)
+        for _room, member, last, replay in attached:
+            for delivery in replay:
+                session.send_wire(delivery.wire)
+            self.registry.go_live(member, last)
+        for room, _member, _last, replay in attached:
+            if replay:
+                await self.inbox.mark_delivered(room, replay[-1].entry_id)
 
     async def session_closed(self, session: Session) -> None:
         self.registry.remove_session(session)

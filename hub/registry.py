@@ -96,7 +96,8 @@ class Registry:
         return room in self.rooms
 
     def deliver(self, room: str, deliveries: Iterable[Delivery]) -> int:
-        """Hand each delivery to every local member that should see it. Returns frames queued."""
+        """Hand each delivery to every local member that should see it. Returns frames queued to
+        connections that are not closing."""
         local = self.rooms.get(room)
         if local is None:
             return 0
@@ -108,8 +109,7 @@ class Registry:
                     continue
                 if member.buffer is not None:
                     member.buffer.append(delivery)
-                else:
-                    member.session.send_wire(delivery.wire)
+                elif member.session.send_wire(delivery.wire):
                     queued += 1
         return queued
 

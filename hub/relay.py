@@ -267,9 +267,9 @@ class Relay:
                                 entry_id.decode("ascii", "replace"), name)
                 else:
                     deliveries.append(delivery)
-            self._registry.deliver(name, deliveries)
+            queued = self._registry.deliver(name, deliveries)
             self.entries_delivered += len(deliveries)
-            if deliveries and name.startswith(INBOX_PREFIX):
+            if queued and name.startswith(INBOX_PREFIX):
                 delivered_marks.append((name, deliveries[-1].entry_id))
             acks.xack(key, self._group, *[entry_id for entry_id, _ in entries])
             if len(entries) >= self._config.read_count:

@@ -104,14 +104,16 @@ class Session:
     def send(self, frame: dict[str, Any]) -> None:
         self.send_wire(text_frame(encode(frame)))
 
-    def send_wire(self, wire: bytes) -> None:
-        """Queue one complete WebSocket frame; written at the end of this loop turn."""
-        if self.closing:
-            return
+    def send_wire(self, wire: bytes) -> bool:
+        """Queue one complete WebSocket frame; written at the end of this loop turn. False when the
+        session is closing or its peer already started closing (nothing queued)."""
+        if self.closing or self.connection.protocol.state is not State.OPEN:
+            return False
         self._pending.append(wire)
         if not self._dirty:
             self._dirty = True
             self._outbox.mark(self)
+        return True
 
     def send_error(self, exc: ClientError, room: str | None = None, **extra: Any) -> None:
         if isinstance(exc, RateLimited):
@@ -155,14 +157,13 @@ class Session:
     async def run(self) -> None:
         """Serve the connection until it closes. Never raises for client behaviour."""
         conn = self.connection
-        self.send({
+        await self.node.session_connected(self, {
             "type": "connection_established",
             "connection_id": self.id,
             "user_id": self.user_id,
             "server_time": _now_iso(),
             "heartbeat_s": self.node.config.server.ping_interval_s,
         })
-        await self.node.session_connected(self)
         try:
             async for raw in conn:
                 self.last_frame_at = time.monotonic()
