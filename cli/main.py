@@ -380,6 +380,61 @@ def _run_pg(coro: Any) -> Any:
         raise click.ClickException(f"PostgreSQL: {exc}") from None
 
 
+@cli.command("rotate-keys")
+@click.option("--batch", type=click.IntRange(1, 10_000), default=500, show_default=True, help="Rows per transaction.")
+@click.pass_context
+def rotate_keys(ctx: click.Context, batch: int) -> None:
+    """Re-encrypt archived messages sealed with an older key under the current encryption.key.
+
+    Resumable and idempotent: rows already under the current key are left alone. Keep the old keys in
+    encryption.keys until this reports nothing left; entries still in Redis age out of the hot window."""
+    from hub.crypto import DecryptError, load_keyring, message_aad
+    from hub.history import row_created_ms
+
+    config = _config(ctx, require_auth=False)
+    ring = load_keyring(config.encryption.key, config.encryption.keys)
+    if ring is None:
+        raise click.ClickException("encryption.key (WEBSOCKET_ENCRYPTION_KEY) is not set")
+
+    async def run() -> tuple[int, int]:
+        conn = await _pg_connect(config)
+        moved = failed = 0
+        after: tuple[Any, ...] = ("", "", -1, -1)
+        current = f"enc:v1:{ring.current_kid}:%"
+        try:
+            while True:
+                rows = await conn.fetch(
+                    "SELECT room, epoch, stream_ms, stream_seq, stream_ts, sender_id, created_at, content "
+                    "FROM messages WHERE content LIKE 'enc:v1:%' AND content NOT LIKE $1 "
+                    "AND (room, epoch, stream_ms, stream_seq) > ($2, $3, $4, $5) "
+                    "ORDER BY room, epoch, stream_ms, stream_seq LIMIT $6", current, *after, batch)
+                if not rows:
+                    return moved, failed
+                async with conn.transaction():
+                    for row in rows:
+                        aad = message_aad(row["room"], row["sender_id"] or "", row_created_ms(row))
+                        try:
+                            sealed = ring.reencrypt(row["content"], aad)
+                        except DecryptError:
+                            failed += 1
+                            continue
+                        await conn.execute(
+                            "UPDATE messages SET content = $1 WHERE room = $2 AND epoch = $3 AND stream_ms = $4 "
+                            "AND stream_seq = $5 AND stream_ts = $6", sealed, row["room"], row["epoch"],
+                            row["stream_ms"], row["stream_seq"], row["stream_ts"])
+                        moved += 1
+                last = rows[-1]
+                after = (last["room"], last["epoch"], last["stream_ms"], last["stream_seq"])
+        finally:
+            await conn.close()
+
+    moved, failed = _run_pg(run())
+    click.echo(f"re-encrypted {moved} message(s) under key {ring.current_kid}"
+               + (f"; {failed} could not be opened with the configured keys" if failed else ""))
+    if failed:
+        sys.exit(1)
+
+
 @cli.command()
 @click.option("--burst", is_flag=True, help="Archive what is pending, print the counts, exit.")
 @click.option("--name", default=None, help="Consumer name (stable across restarts; default: host name).")
@@ -428,6 +483,11 @@ def archiver(ctx: click.Context, burst: bool, name: str | None) -> None:
     stats = _run_pg(run())
     click.echo(f"rows written: {stats.rows_written}, entries acked: {stats.entries_acked}, "
                f"dead-lettered: {stats.dead_lettered}")
+
+
+from cli.ops import register_ops  # noqa: E402
+
+register_ops(cli)
 
 
 def main() -> None:

@@ -4,13 +4,14 @@ so the archiver can dead-letter it without blocking its batch."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
 
 from hub.protocol import CLIENT_MESSAGE_TYPES, EVENT_TYPES, parse_stream_id
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # Column order of messages_staging for COPY.
 COLUMNS = ("room", "epoch", "stream_ms", "stream_seq", "stream_ts", "type", "sender_id", "content",
            "message_type", "client_msg_id", "metadata", "data", "created_at")
@@ -65,11 +66,12 @@ def entry_to_row(room: str, epoch: str, entry_id: bytes, fields: dict[bytes, byt
     data = _json_object(text.get(b"data"))
     if isinstance(data, Poison):
         return Poison(f"data: {data.reason}")
-    stream_ts = datetime.fromtimestamp(ms / 1000, tz=UTC)
+    stream_ts = _EPOCH + timedelta(milliseconds=ms)
     created_at = stream_ts
     created_text = text.get(b"created_at")
     if created_text is not None and created_text.isdigit() and len(created_text) <= 15:
-        created_at = datetime.fromtimestamp(int(created_text) / 1000, tz=UTC)
+        # Exact milliseconds (no float): sealed content's AAD includes this value.
+        created_at = _EPOCH + timedelta(milliseconds=int(created_text))
     return (room, epoch, ms, seq, stream_ts, etype, text.get(b"sender_id"), content,
             (message_type or "text") if etype == "chat_message" else message_type,
             text.get(b"client_msg_id"), metadata, data, created_at)

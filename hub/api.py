@@ -239,7 +239,7 @@ class Api:
         newest: Any = await redis.xrevrange(key, max="+", min="-", count=1)
         last: dict[str, Any] | None = None
         if newest:
-            decoded = entry_to_frame(room.name, newest[0][0], newest[0][1] or {})
+            decoded = entry_to_frame(room.name, newest[0][0], newest[0][1] or {}, node.sealer.open)
             if decoded is not None:
                 last = decoded[1] | {"id_sort": decoded[0]}
         if last is None and node.history.pool is not None:

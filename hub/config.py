@@ -166,7 +166,16 @@ class RelayConfig:
 
 @dataclass(frozen=True)
 class EncryptionConfig:
+    # The current key: new sensitive messages are sealed with it (base64 of 32 bytes, 64 hex digits, or a
+    # passphrase; "KID:KEY" names its key id). Empty: encryption at rest is off.
     key: str = ""
+    # Older keys still accepted for reading ("KID:KEY", ...), for rotation.
+    keys: tuple[str, ...] = ()
+    # Rooms whose every message is sealed (fnmatch patterns).
+    sensitive_rooms: tuple[str, ...] = ("quote_*",)
+    # Seal messages holding a Luhn-valid payment card number / a mod-97-valid IBAN.
+    detect_cards: bool = True
+    detect_ibans: bool = True
 
 
 @dataclass(frozen=True)
@@ -227,6 +236,10 @@ class Config:
             _check(getattr(self.archiver, name) > 0, f"archiver.{name}", "must be positive")
         for name in ("sweep_interval_s", "trim_interval_s", "max_retry_delay_s"):
             _check(getattr(self.archiver, name) > 0, f"archiver.{name}", "must be positive")
+        from hub.crypto import SensitivityPolicy, load_keyring
+
+        load_keyring(self.encryption.key, self.encryption.keys)  # raises ConfigError naming the key
+        SensitivityPolicy(self.encryption.sensitive_rooms)
         _check(self.relay.read_count > 0, "relay.read_count", "must be positive")
         _check(self.relay.streams_per_read > 0, "relay.streams_per_read", "must be positive")
         _check(self.relay.sweep_interval_s > 0, "relay.sweep_interval_s", "must be positive")

@@ -11,12 +11,13 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 import orjson
 
-from hub.protocol import StreamId, entry_to_frame, format_stream_id, iso_ms
+from hub.protocol import ENVELOPE_PREFIX, Opener, StreamId, entry_to_frame, format_stream_id, iso_ms
 from hub.streams import Entry, Streams
 
 log = logging.getLogger("hub.history")
@@ -31,13 +32,25 @@ class Page:
     has_more: bool
 
 
-def row_to_frame(row: Any) -> dict[str, Any]:
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def row_created_ms(row: Any) -> int:
+    """The row's created_at in ms, exactly as it was when the content was sealed."""
+    return int((row["created_at"] - _EPOCH) // timedelta(milliseconds=1))
+
+
+def row_to_frame(row: Any, opener: Opener | None = None) -> dict[str, Any]:
     """The frame an archived row becomes: the same shape as live delivery."""
     sid = format_stream_id((row["stream_ms"], row["stream_seq"]))
     frame: dict[str, Any] = {"type": row["type"], "room": row["room"], "id": sid}
-    created = iso_ms(int(row["created_at"].timestamp() * 1000))
+    created_ms = row_created_ms(row)
+    created = iso_ms(created_ms)
     if row["type"] == "chat_message":
-        frame.update(sender_id=row["sender_id"] or "system", content=row["content"],
+        content = row["content"]
+        if opener is not None and content is not None and content.startswith(ENVELOPE_PREFIX):
+            content = opener(row["room"], row["sender_id"] or "", created_ms, content)
+        frame.update(sender_id=row["sender_id"] or "system", content=content,
                      message_type=row["message_type"] or "text", created_at=created)
         if row["client_msg_id"] is not None:
             frame["client_msg_id"] = row["client_msg_id"]
@@ -58,8 +71,9 @@ _ROW_COLUMNS = "room, stream_ms, stream_seq, type, sender_id, content, message_t
 
 
 class History:
-    def __init__(self, streams: Streams, pool: asyncpg.Pool | None) -> None:
+    def __init__(self, streams: Streams, pool: asyncpg.Pool | None, opener: Opener | None = None) -> None:
         self.streams = streams
+        self.opener = opener
         # None when PostgreSQL is not reachable; history then comes from Redis alone.
         self.pool = pool
 
@@ -79,12 +93,12 @@ class History:
         seam = _sid(hot[-1][0]) if hot else before
         skipped = min(offset, len(hot))
         hot, offset = hot[skipped:], offset - skipped
-        messages = [f for f in (_frame(room, e) for e in hot[:limit]) if f is not None]
+        messages = [f for f in (self._frame(room, e) for e in hot[:limit]) if f is not None]
         if not reached_start or self.pool is None:
             return Page(messages, len(hot) > limit)
         remaining = limit - len(hot)
         cold = await self._archived(room, seam, remaining + 1, offset)
-        messages += [row_to_frame(r) for r in cold[:remaining]]
+        messages += [row_to_frame(r, self.opener) for r in cold[:remaining]]
         return Page(messages, len(cold) > remaining)
 
     async def _archived(self, room: str, below: StreamId | None, limit: int, offset: int) -> list[Any]:
@@ -113,7 +127,11 @@ class History:
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             log.warning("archive unavailable for a resume: %s", type(exc).__name__)
             return None
-        return [row_to_frame(r) for r in rows]
+        return [row_to_frame(r, self.opener) for r in rows]
+
+    def _frame(self, room: str, entry: Entry) -> dict[str, Any] | None:
+        decoded = entry_to_frame(room, entry[0], entry[1], self.opener)
+        return decoded[1] if decoded is not None else None
 
     async def search(self, query: str, rooms_sql: str, params: list[Any], limit: int,
                      offset: int) -> list[dict[str, Any]]:
@@ -123,14 +141,14 @@ class History:
         base = len(params)
         sql = (f"SELECT {_ROW_COLUMNS}, ts_rank(search, q) AS rank FROM messages, "
                f"plainto_tsquery('simple', ${base + 1}) AS q WHERE search @@ q AND ({rooms_sql}) "
+               # Sealed content is never searched (its index would only hold ciphertext).
+               f"AND (content IS NULL OR content NOT LIKE '{ENVELOPE_PREFIX}%') "
                f"ORDER BY rank DESC, stream_ms DESC, stream_seq DESC LIMIT ${base + 2} OFFSET ${base + 3}")
         rows = await self.pool.fetch(sql, *params, query, limit, offset)
-        return [row_to_frame(r) | {"rank": round(float(r["rank"]), 6)} for r in rows]
+        return [row_to_frame(r, self.opener) | {"rank": round(float(r["rank"]), 6)} for r in rows]
 
 
-def _frame(room: str, entry: Entry) -> dict[str, Any] | None:
-    decoded = entry_to_frame(room, entry[0], entry[1])
-    return decoded[1] if decoded is not None else None
+
 
 
 def _sid(value: bytes) -> StreamId:

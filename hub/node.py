@@ -46,6 +46,7 @@ from hub.receipts import Receipts
 from hub.registry import Membership, Registry
 from hub.relay import Relay
 from hub.rooms import AccessRules, Principal, Room, check_publish, needs_grant, parse_room
+from hub.sealing import Sealer
 from hub.session import Session
 from hub.streams import Entry, Publisher, PublishResult, Streams
 
@@ -83,13 +84,14 @@ class Node:
         self.publisher = publisher
         self.keys = keys
         self.registry = Registry()
+        self.sealer = Sealer(config.encryption)
         self.relay = Relay(streams.redis, streams, keys, self.registry, node_id, config.relay,
-                           self._recheck_room_access)
+                           self._recheck_room_access, self.sealer.open)
         self.typing = TypingIndicators(streams.scripts, keys, config.rooms.typing_ttl_ms)
         self.presence = Presence(streams.scripts, keys, node_id)
         self.inbox = Inbox(streams.scripts, keys)
         self.limits = Limits(streams.scripts, keys, config.server, node_id, int(config.relay.node_ttl_s * 1000))
-        self.history = History(streams, pool)
+        self.history = History(streams, pool, self.sealer.open)
         self.receipts = Receipts(streams.scripts, keys, pool)
         self.rules = AccessRules(config.rooms.admin_all_rooms, config.rooms.channel_publish_roles)
         self.metrics = Metrics()
@@ -117,7 +119,7 @@ class Node:
                 if room.startswith("inbox:"):
                     since = await self.inbox.delivered(session.user_id)
                     entries = await self.streams.read_after(room, since, limit)
-                    replay = [d for d in (entry_to_delivery(room, eid, f) for eid, f in entries) if d is not None]
+                    replay = self._deliveries(room, entries)
                 last = max(position.last_id, replay[-1].entry_id) if replay else position.last_id
                 attached.append((room, member, last, replay))
             except (Unavailable, RedisError) as exc:
@@ -281,6 +283,11 @@ class Node:
         self.registry.go_live(member, catch_up.last_id, replayed)
         await self.streams.remember_join(session.user_id, room.name)
 
+    def _deliveries(self, room: str, entries: list[Entry]) -> list[Delivery]:
+        """Stream entries as frames for a replay (sealed content opened; undeliverable ones left out)."""
+        decoded = (entry_to_delivery(room, eid, fields, self.sealer.open) for eid, fields in entries)
+        return [d for d in decoded if d is not None]
+
     async def _catch_up(self, room: str, frame: JoinRoom) -> CatchUp:
         """What a join replays: everything after ``since`` when the stream still holds it all (same
         epoch, nothing trimmed past it, not too much), or the newest ``history`` entries."""
@@ -306,7 +313,7 @@ class Node:
             entries = await self.streams.read_latest(room, frame.history)
         if since is not None and not recovered:
             entries = []  # a partial replay would be a silent gap: the client fetches history instead
-        replay = [d for d in (entry_to_delivery(room, eid, fields) for eid, fields in entries) if d is not None]
+        replay = self._deliveries(room, entries)
         last = max(position.last_id, replay[-1].entry_id) if replay else position.last_id
         return CatchUp(position.epoch, last, recovered, replay, archived)
 
@@ -417,7 +424,9 @@ class Node:
         if not decision.allowed:
             raise RateLimited("too many messages; nothing was stored", decision.retry_after_ms)
         await session.inflight.acquire()
-        fields = chat_entry_fields(session.user_id, msg, _now_ms())
+        created_at_ms = _now_ms()
+        stored = self.sealer.seal(room.name, session.user_id, created_at_ms, msg.content, msg.sensitive)
+        fields = chat_entry_fields(session.user_id, msg, created_at_ms, stored)
         future = self.publisher.submit(room.name, session.user_id, msg.client_msg_id, fields)
         request_id = env.request_id
 

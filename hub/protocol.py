@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -26,6 +27,8 @@ _CLIENT_MSG_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}", re.ASCII)
 _STREAM_ID = re.compile(r"(0|[1-9][0-9]{0,19})-(0|[1-9][0-9]{0,19})", re.ASCII)
 _EPOCH = re.compile(r"[0-9a-f]{1,64}", re.ASCII)
 MAX_METADATA_BYTES = 4096
+# Sealed content starts with this (hub.crypto's envelope format); checked before calling an opener.
+ENVELOPE_PREFIX = "enc:"
 
 StreamId = tuple[int, int]
 
@@ -69,6 +72,7 @@ class ChatMessage:
     message_type: str
     client_msg_id: str | None
     metadata: bytes | None  # JSON object, already encoded
+    sensitive: bool = False  # the sender asks for the content to be sealed at rest
 
 
 @dataclass(frozen=True)
@@ -206,7 +210,10 @@ def _chat(obj: dict[str, Any], max_content: int, _max_history: int) -> ChatMessa
             raise InvalidMessage("metadata is nested too deeply") from None
         if len(meta_bytes) > MAX_METADATA_BYTES:
             raise InvalidMessage(f"metadata is larger than {MAX_METADATA_BYTES} bytes")
-    return ChatMessage(obj.get("room"), content, message_type, cmid, meta_bytes)
+    sensitive = obj.get("sensitive", False)
+    if not isinstance(sensitive, bool):
+        raise InvalidMessage("sensitive must be true or false")
+    return ChatMessage(obj.get("room"), content, message_type, cmid, meta_bytes, sensitive)
 
 
 def _has_lone_surrogate(text: str) -> bool:
@@ -357,10 +364,11 @@ F_DATA = b"data"
 F_CREATED_AT = b"created_at"
 
 
-def chat_entry_fields(sender_id: str, msg: ChatMessage, created_at_ms: int) -> list[bytes | str]:
-    """Flat field/value list for XADD of a client's chat message."""
+def chat_entry_fields(sender_id: str, msg: ChatMessage, created_at_ms: int, content: str) -> list[bytes | str]:
+    """Flat field/value list for XADD of a client's chat message (``content`` as it is to be stored:
+    the message's own, or its sealed envelope)."""
     fields: list[bytes | str] = [
-        "type", "chat_message", "sender_id", sender_id, "content", msg.content,
+        "type", "chat_message", "sender_id", sender_id, "content", content,
         "message_type", msg.message_type, "created_at", str(created_at_ms),
     ]
     if msg.client_msg_id is not None:
@@ -380,20 +388,26 @@ class Delivery:
     is_chat: bool  # chat (for members) or a backend event (members and update subscribers)
 
 
-def entry_to_delivery(room: str, entry_id: bytes, fields: dict[bytes, bytes]) -> Delivery | None:
+# Opens sealed content: (room, sender_id, created_at_ms, content) -> plaintext.
+Opener = Callable[[str, str, int, str], str]
+
+
+def entry_to_delivery(room: str, entry_id: bytes, fields: dict[bytes, bytes],
+                      opener: Opener | None = None) -> Delivery | None:
     """Decode one stream entry, from the hub or a backend's raw XADD. Returns None for entries that
     are not deliverable (unknown type, malformed), which the caller counts and logs; never raises on
     hostile bytes."""
-    decoded = entry_to_frame(room, entry_id, fields)
+    decoded = entry_to_frame(room, entry_id, fields, opener)
     if decoded is None:
         return None
     sid, frame, is_chat = decoded
     return Delivery(sid, frame, text_frame(orjson.dumps(frame)), is_chat)
 
 
-def entry_to_frame(room: str, entry_id: bytes,
-                   fields: dict[bytes, bytes]) -> tuple[StreamId, dict[str, Any], bool] | None:
-    """The frame a stream entry becomes, or None when it is not deliverable."""
+def entry_to_frame(room: str, entry_id: bytes, fields: dict[bytes, bytes],
+                   opener: Opener | None = None) -> tuple[StreamId, dict[str, Any], bool] | None:
+    """The frame a stream entry becomes, or None when it is not deliverable. ``opener`` turns sealed
+    content back into plaintext (content that does not start with the envelope prefix is left as is)."""
     sid_text = entry_id.decode("ascii", "replace")
     try:
         sid = parse_stream_id(sid_text)
@@ -410,6 +424,8 @@ def entry_to_frame(room: str, entry_id: bytes,
         if content is None:
             return None
         frame["sender_id"] = sender or "system"
+        if opener is not None and content.startswith(ENVELOPE_PREFIX):
+            content = opener(room, sender or "", created_ms, content)
         frame["content"] = content
         mtype = _text(fields.get(F_MESSAGE_TYPE)) or "text"
         frame["message_type"] = mtype if mtype in CLIENT_MESSAGE_TYPES else "text"

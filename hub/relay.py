@@ -25,7 +25,7 @@ from redis.exceptions import RedisError, ResponseError
 from hub.config import RelayConfig
 from hub.keys import Keys
 from hub.notifications import INBOX_PREFIX, Inbox
-from hub.protocol import Delivery, StreamId, entry_to_delivery
+from hub.protocol import Delivery, Opener, StreamId, entry_to_delivery
 from hub.registry import Registry
 from hub.streams import Streams
 from hub.tasks import cancel_and_wait
@@ -35,7 +35,8 @@ log = logging.getLogger("hub.relay")
 
 class Relay:
     def __init__(self, redis: Redis, streams: Streams, keys: Keys, registry: Registry, node_id: str,
-                 config: RelayConfig, on_acl_change: Callable[[str], Coroutine[Any, Any, None]]) -> None:
+                 config: RelayConfig, on_acl_change: Callable[[str], Coroutine[Any, Any, None]],
+                 opener: Opener | None = None) -> None:
         self._redis = redis
         self._streams = streams
         self._keys = keys
@@ -44,6 +45,8 @@ class Relay:
         self._consumer = node_id
         self._config = config
         self._on_acl_change = on_acl_change
+        # Opens sealed content before fan-out (members receive plaintext).
+        self._opener = opener
         self._inbox = Inbox(streams.scripts, keys)
         # Rooms whose group exists and whose notifications we receive.
         self.active: set[str] = set()
@@ -260,7 +263,7 @@ class Relay:
                 continue
             deliveries: list[Delivery] = []
             for entry_id, fields in entries:
-                delivery = entry_to_delivery(name, entry_id, fields or {})
+                delivery = entry_to_delivery(name, entry_id, fields or {}, self._opener)
                 if delivery is None:
                     self.undeliverable_entries += 1
                     log.warning("undeliverable entry %s in %s (unknown type or malformed)",
