@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import orjson
 from aiohttp import web
 
+from hub import metrics
 from hub.api import MAX_BODY_BYTES, Api, fail
 
 if TYPE_CHECKING:
@@ -20,6 +21,10 @@ def build_api_app(app: App, api: Api) -> web.Application:
             response = await app.health_response()
             return web.Response(status=response.status_code, body=response.body,
                                 content_type="application/json")
+        if request.path == "/metrics":
+            return web.Response(body=metrics.render(app), headers={"Content-Type": metrics.CONTENT_TYPE})
+        if request.path == "/ws/connection-stats":
+            return _json(200, metrics.connection_stats(app))
         if not api.handles(request.path):
             reply = fail(404, "not_found", "no such endpoint")
         else:

@@ -74,6 +74,23 @@ class Keys:
         """Sorted set of connection leases of ``subject`` ("user:ID" or "ip:ADDR")."""
         return f"{self.prefix}cc:{{{subject}}}"
 
+    # --- credentials and audit ----------------------------------------------------------------
+    def control_channel(self) -> str:
+        """Pub/sub channel every node subscribes to for cluster-wide commands (token revocations)."""
+        return f"{self.prefix}control"
+
+    def revoked_token(self, jti: str) -> str:
+        """String with a TTL: present while the token whose ``jti`` claim this is stays revoked."""
+        return f"{self.prefix}revoked:jti:{jti}"
+
+    def revoked_user(self, user_id: str) -> str:
+        """String: a time in ms; every token of ``user_id`` issued before it is revoked."""
+        return f"{self.prefix}revoked:user:{user_id}"
+
+    def audit(self) -> str:
+        """Stream of audit events (auth failures, denials, limits, revocations, admin actions), capped."""
+        return f"{self.prefix}audit"
+
     # --- consumers ---------------------------------------------------------------------------
     def dead_letters(self, consumer: str) -> str:
         """Stream of entries ``consumer`` could not process, with the reason."""

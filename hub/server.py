@@ -16,6 +16,7 @@ import orjson
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
+from hub import metrics
 from hub.auth import TokenVerifier
 from hub.errors import AuthError
 from hub.logs import protect_logger
@@ -59,6 +60,10 @@ class Handshake:
             return await self._admit(connection, request)
         if url.path == "/ws/health":
             return await self._app.health_response()
+        if url.path == "/metrics":
+            return metrics.metrics_response(self._app)
+        if url.path == "/ws/connection-stats":
+            return metrics.connection_stats_response(self._app)
         api = self._app.api
         if api is not None and api.handles(url.path):
             if request.headers.get("Content-Length", "0") not in ("", "0") or "Transfer-Encoding" in request.headers:
