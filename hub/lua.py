@@ -8,6 +8,7 @@ retries the same way.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,10 +27,19 @@ class Script:
     sha: str
 
 
+_INCLUDE = re.compile(r"^--! include ([a-z_]+)$", re.MULTILINE)
+
+
+def _expand(source: str, library: Path) -> str:
+    """Replace each ``--! include NAME`` line with ``lib/NAME.lua`` (Redis scripts cannot import)."""
+    return _INCLUDE.sub(lambda m: (library / f"{m.group(1)}.lua").read_text(encoding="utf-8").rstrip("\n"), source)
+
+
 def read_scripts(directory: Path = SCRIPTS_DIR) -> dict[str, Script]:
+    """Every ``*.lua`` operation script of ``directory`` (libraries in ``lib/`` are only included)."""
     scripts = {}
     for path in sorted(directory.glob("*.lua")):
-        source = path.read_text(encoding="utf-8")
+        source = _expand(path.read_text(encoding="utf-8"), directory / "lib")
         scripts[path.stem] = Script(path.stem, source, hashlib.sha1(source.encode()).hexdigest())
     if not scripts:
         raise FileNotFoundError(f"no Lua scripts in {directory}")

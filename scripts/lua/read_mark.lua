@@ -9,15 +9,7 @@
 --
 -- Returns the user's read position after the call. It never moves back, and never past the
 -- stream's newest id. When it moved, a read_receipt frame {room, user_id, up_to} is published.
-local function parse(id)
-  local dash = string.find(id, '-', 1, true)
-  return tonumber(string.sub(id, 1, dash - 1)), tonumber(string.sub(id, dash + 1))
-end
-local function less(a, b)
-  local am, as = parse(a)
-  local bm, bs = parse(b)
-  return am < bm or (am == bm and as < bs)
-end
+--! include stream_ids
 local up_to = ARGV[2]
 local newest = '0-0'
 if redis.call('EXISTS', KEYS[2]) == 1 then

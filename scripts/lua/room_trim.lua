@@ -11,15 +11,7 @@
 -- nothing is pending, just after the last entry the group read. Entries below min(safe point,
 -- hot-window floor) are trimmed with XTRIM MINID and the watermark is stored in meta.min_id, which
 -- resume checks. Atomic: no entry can be archived-and-trimmed in between.
-local function parse(id)
-  local dash = string.find(id, '-', 1, true)
-  return tonumber(string.sub(id, 1, dash - 1)), tonumber(string.sub(id, dash + 1))
-end
-local function less(a, b)
-  local am, as = parse(a)
-  local bm, bs = parse(b)
-  return am < bm or (am == bm and as < bs)
-end
+--! include stream_ids
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return ''
 end
