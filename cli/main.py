@@ -489,6 +489,10 @@ from cli.ops import register_ops  # noqa: E402
 
 register_ops(cli)
 
+from cli.maintenance import register_maintenance  # noqa: E402
+
+register_maintenance(cli)
+
 
 def main() -> None:
     cli(prog_name="hubctl")
