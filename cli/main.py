@@ -230,6 +230,45 @@ async def _with_streams(config: Config, action: Any) -> Any:
         await redis.aclose()
 
 
+def _audited(config: Config, command: str, what: str, action: Any, result_field: str | None = None,
+             **detail: str | int | None) -> Any:
+    """Wrap ``action(streams)``: once it succeeded, record an ``admin_action`` audit event (who ran
+    which command on what; never a message body). ``result_field`` names the action's result in it."""
+
+    async def run(streams: Any) -> Any:
+        from redis.exceptions import RedisError
+
+        from hub.audit import write_event
+
+        result = await action(streams)
+        if result_field is not None:
+            detail[result_field] = str(result)
+        try:
+            await write_event(streams.redis, streams.keys, config.audit, f"hubctl@{_host()}", "admin_action",
+                              who=_operator(), what=what, command=command, **detail)
+        except (RedisError, OSError) as exc:
+            click.echo(f"warning: done, but the audit event was not written: {exc}", err=True)
+        return result
+
+    return run
+
+
+def _operator() -> str:
+    """Who runs hubctl, as far as the OS knows."""
+    import getpass
+
+    try:
+        return f"os:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return f"uid:{os.getuid()}"
+
+
+def _host() -> str:
+    import socket
+
+    return socket.gethostname()[:64]
+
+
 def _run(coro: Any) -> Any:
     from redis.exceptions import RedisError
 
@@ -246,7 +285,9 @@ def _run(coro: Any) -> Any:
 def grant(ctx: click.Context, room: str, user_ids: tuple[str, ...]) -> None:
     """Let USER_IDS read and write ROOM (order, quote and support rooms)."""
     name = _room(room)
-    added = _run(_with_streams(_config(ctx, require_auth=False), lambda s: s.grant(name, list(user_ids))))
+    config = _config(ctx, require_auth=False)
+    added = _run(_with_streams(config, _audited(config, "grant", name, lambda s: s.grant(name, list(user_ids)),
+                                                users=",".join(user_ids))))
     click.echo(f"granted {name} to {added} new user(s)")
 
 
@@ -257,8 +298,44 @@ def grant(ctx: click.Context, room: str, user_ids: tuple[str, ...]) -> None:
 def revoke(ctx: click.Context, room: str, user_ids: tuple[str, ...]) -> None:
     """Remove USER_IDS' grant on ROOM; connected members are removed within a second."""
     name = _room(room)
-    removed = _run(_with_streams(_config(ctx, require_auth=False), lambda s: s.revoke(name, list(user_ids))))
+    config = _config(ctx, require_auth=False)
+    removed = _run(_with_streams(config, _audited(config, "revoke", name, lambda s: s.revoke(name, list(user_ids)),
+                                                  users=",".join(user_ids))))
     click.echo(f"revoked {name} from {removed} user(s)")
+
+
+@cli.command("revoke-token")
+@click.option("--jti", default=None, help="Revoke the one token whose jti claim this is.")
+@click.option("--user", "user_id", default=None, help="Revoke every token of this user issued before now.")
+@click.option("--ttl", "ttl_s", type=click.IntRange(min=1), default=None,
+              help="Keep the revocation this many seconds. Default: 7 days for --jti (longer than a token "
+                   "should live), forever for --user.")
+@click.pass_context
+def revoke_token(ctx: click.Context, jti: str | None, user_id: str | None, ttl_s: int | None) -> None:
+    """Revoke a token (--jti) or every current token of a user (--user). A handshake or refresh with it
+    is refused, and live connections using it are closed (code 4503) on every node within a second.
+    With --user, tokens issued in the same second as the revocation are refused too."""
+    from hub.auth import is_valid_user_id
+    from hub.tokens import DEFAULT_JTI_TTL_S, RevocationStore
+
+    if (jti is None) == (user_id is None):
+        raise click.UsageError("give exactly one of --jti and --user")
+    if jti is not None and not (0 < len(jti) <= 256 and jti.isprintable() and " " not in jti):
+        raise click.BadParameter("a jti is 1-256 printable characters without spaces", param_hint="--jti")
+    if user_id is not None and not is_valid_user_id(user_id):
+        raise click.BadParameter("user ids are 1-128 of A-Z a-z 0-9 _ . @ : -", param_hint="--user")
+    config = _config(ctx, require_auth=False)
+
+    async def act(streams: Any) -> int:
+        store = RevocationStore(streams.redis, streams.keys)
+        if jti is not None:
+            return await store.revoke_token(jti, ttl_s or DEFAULT_JTI_TTL_S)
+        assert user_id is not None
+        return await store.revoke_user(user_id, ttl_s=ttl_s)
+
+    target = f"jti:{jti}" if jti is not None else f"user:{user_id}"
+    heard = _run(_with_streams(config, _audited(config, "revoke-token", target, act, result_field="nodes_told")))
+    click.echo(f"revoked {target}; {heard} node(s) told to close its connections")
 
 
 # ---------------------------------------------------------------------- publish
@@ -297,7 +374,9 @@ def publish(ctx: click.Context, room: str, event_type: str, content: str | None,
         if not isinstance(parsed, dict):
             raise click.BadParameter("--data must be a JSON object")
         fields += ["data", orjson.dumps(parsed)]
-    stream_id = _run(_with_streams(_config(ctx, require_auth=False), lambda s: s.append(name, fields)))
+    config = _config(ctx, require_auth=False)
+    stream_id = _run(_with_streams(config, _audited(config, "publish", name, lambda s: s.append(name, fields),
+                                                    result_field="id", type=event_type)))
     click.echo(stream_id)
 
 
@@ -440,7 +519,7 @@ def rotate_keys(ctx: click.Context, batch: int) -> None:
 @click.option("--name", default=None, help="Consumer name (stable across restarts; default: host name).")
 @click.pass_context
 def archiver(ctx: click.Context, burst: bool, name: str | None) -> None:
-    """Archive every room stream into PostgreSQL (several may run at once)."""
+    """Archive every room stream, and the audit stream, into PostgreSQL (several may run at once)."""
     overrides = {"archiver.name": name} if name else {}
     config = _config(ctx, overrides, require_auth=False)
     from hub.logs import setup_logging
@@ -451,6 +530,7 @@ def archiver(ctx: click.Context, burst: bool, name: str | None) -> None:
         from redis.asyncio import Redis
 
         from consumers.archiver import Archiver
+        from consumers.audit_archiver import AuditArchiver
         from consumers.schema import is_current
         from hub.keys import Keys
         from hub.tasks import cancel_and_wait
@@ -464,25 +544,37 @@ def archiver(ctx: click.Context, burst: bool, name: str | None) -> None:
         redis = Redis.from_url(config.redis.url, decode_responses=False, socket_connect_timeout=5)
         db = int(redis.connection_pool.connection_kwargs.get("db", 0) or 0)
         worker = Archiver(redis, Keys(config.redis.key_prefix, db), config.postgres, config.archiver)
+        audit_worker = AuditArchiver(redis, Keys(config.redis.key_prefix, db), config.postgres, config.archiver)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         try:
             await worker.start()
+            await audit_worker.start()
             print(f"archiver {worker.consumer} ready", flush=True)
-            task = asyncio.ensure_future(worker.run(burst=burst))
+            tasks = [asyncio.ensure_future(worker.run(burst=burst)),
+                     asyncio.ensure_future(audit_worker.run(burst=burst))]
             stopper = asyncio.ensure_future(stop.wait())
-            await asyncio.wait([task, stopper], return_when=asyncio.FIRST_COMPLETED)
-            await cancel_and_wait([stopper, task])
-            return worker.stats
+            # Until stopped, or (burst) until both are drained, or until one of them fails.
+            waiting: set[asyncio.Future[Any]] = {stopper, *tasks}
+            while stopper in waiting and len(waiting) > 1:
+                done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if any(t is not stopper and t.exception() is not None for t in done):
+                    break
+            await cancel_and_wait([stopper, *tasks])
+            for task in tasks:
+                if not task.cancelled() and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+            return worker.stats, audit_worker.stats
         finally:
+            await audit_worker.close()
             await worker.close()
             await redis.aclose()
 
-    stats = _run_pg(run())
+    stats, audit_stats = _run_pg(run())
     click.echo(f"rows written: {stats.rows_written}, entries acked: {stats.entries_acked}, "
-               f"dead-lettered: {stats.dead_lettered}")
+               f"dead-lettered: {stats.dead_lettered}, audit events archived: {audit_stats.rows_written}")
 
 
 from cli.ops import register_ops  # noqa: E402

@@ -26,6 +26,7 @@ from websockets.typing import Origin
 
 from hub import __version__
 from hub.api import Api
+from hub.audit import Audit
 from hub.auth import TokenVerifier
 from hub.config import Config
 from hub.embedded import EmbeddedRedis
@@ -39,6 +40,7 @@ from hub.server import Handshake, json_response
 from hub.session import HubConnection, Outbox, Session
 from hub.streams import Publisher, Streams
 from hub.tasks import cancel_and_wait
+from hub.tokens import RevocationStore, RevocationWatch, TokenGuard
 
 log = logging.getLogger("hub.app")
 
@@ -104,6 +106,9 @@ class App:
         # Background tasks (publisher, relay, heartbeat, idle reaper); cancelled in stop().
         self._tasks: list[asyncio.Task[Any]] = []
         self._verifier = TokenVerifier(config.auth)
+        # Audit writer and the token guard (revocations, refresh, expiry); built in start().
+        self.audit: Audit | None = None
+        self.guard: TokenGuard | None = None
         self.port: int | None = None
 
     async def start(self) -> None:
@@ -119,6 +124,7 @@ class App:
         self.pool = await self._connect_postgres()
         self.node = Node(self.config, self.node_id, streams, publisher, self.keys, self.pool)
         self.api = Api(self.node, self._verifier)
+        self.guard = self._token_guard(self.redis, self.node)
         self.outbox = Outbox(asyncio.get_running_loop())
         await self._heartbeat_once()
         await self.node.relay.start()
@@ -135,7 +141,7 @@ class App:
             self._handle,
             server_cfg.host,
             server_cfg.port,
-            process_request=Handshake(self, self._verifier),
+            process_request=Handshake(self, self.guard),
             create_connection=HubConnection,
             compression="deflate" if server_cfg.compression else None,
             max_size=server_cfg.max_frame_bytes,
@@ -157,6 +163,16 @@ class App:
             self.api_port = api_sockets[0].getsockname()[1] if api_sockets else server_cfg.api_port
         log.info("node %s listening on %s:%s (redis %s)", self.node_id, server_cfg.host, self.port,
                  _redact_url(url))
+
+    def _token_guard(self, redis: Redis, node: Node) -> TokenGuard:
+        """The audit writer, the revocation store, and the watch that applies revocations announced
+        on the control channel to this node's sessions."""
+        self.audit = Audit(redis, self.keys, self.config.audit, self.node_id)
+        self.audit.start()
+        watch = RevocationWatch(node.registry, self.audit, self.config.server.slow_close_grace_s)
+        node.relay.on_control = watch.on_control
+        store = RevocationStore(redis, self.keys, fail_open=self.config.auth.revocation_fail_open)
+        return TokenGuard(self.config.auth, self._verifier, store, watch, self.audit)
 
     async def _connect_postgres(self) -> asyncpg.Pool | None:
         """A small pool for history and search. Without PostgreSQL the hub still runs: history then
@@ -199,8 +215,8 @@ class App:
         return await asyncio.to_thread(self.embedded.start)
 
     async def _handle(self, connection: Any) -> None:
-        assert self.node is not None and isinstance(connection, HubConnection)
-        session = Session(connection, self.node, self.outbox)
+        assert self.node is not None and self.guard is not None and isinstance(connection, HubConnection)
+        session = Session(connection, self.node, self.outbox, self.guard)
         self.node.session_opened(session)
         if self.draining:
             session.close(CloseCode.SERVER_SHUTDOWN, "server shutting down, reconnect",
@@ -310,6 +326,8 @@ class App:
             except TimeoutError:
                 log.warning("some connection handlers did not finish in time")
         await cancel_and_wait(self._tasks)
+        if self.audit is not None:
+            await self.audit.close()
         if self.node is not None:
             await self.node.relay.destroy_all_groups()
             await self.node.relay.close()

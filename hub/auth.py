@@ -1,13 +1,18 @@
-"""JWT verification at the handshake (pyjwt).
+"""JWT verification at the handshake and for ``refresh`` frames (pyjwt). Pure: no I/O after start.
 
 The algorithm is pinned by config, so ``alg: none`` and algorithm-confusion tokens are refused;
-``exp`` and ``sub`` are required; ``aud``/``iss`` are checked when configured. Error messages never
-contain the token.
+``exp`` and ``sub`` are required; ``aud``/``iss`` are checked when configured; ``nbf`` and ``iat`` in
+the future (beyond ``auth.leeway_s``) are refused. With a key ring (``auth.keys``) the token's ``kid``
+header picks the key, and an unknown ``kid`` is refused; tokens without ``kid`` use ``auth.secret`` /
+``auth.public_key_file``. With ``auth.token_type`` set, a token's ``token_use`` claim (or, when it has
+none, its ``typ`` header) must name that type, so refresh tokens and other services' tokens cannot open
+a socket. Error messages never contain the token.
 """
 
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +20,7 @@ from typing import Any
 import jwt
 
 from hub.config import AuthConfig
-from hub.errors import AuthError
+from hub.errors import AuthError, ConfigError
 from hub.rooms import Principal, parse_room
 
 KNOWN_ROLES = frozenset({"customer", "manufacturer", "support", "admin"})
@@ -27,35 +32,77 @@ def is_valid_user_id(value: str) -> bool:
     return _USER_ID.fullmatch(value) is not None
 
 
+# A kid names a key in Redis-free config only, but keep it printable and short all the same.
+_KID = re.compile(r"[A-Za-z0-9_.-]{1,64}", re.ASCII)
+
+
 @dataclass(frozen=True)
 class VerifiedToken:
     principal: Principal
     expires_at: float  # seconds since the epoch (the token's exp)
     token_id: str | None  # jti, when present
+    issued_at: float | None = None  # seconds since the epoch (the token's iat), when present
+
+
+def parse_key_ring(config: AuthConfig) -> dict[str, str]:
+    """``auth.keys`` as kid -> secret (HS*) or public key file path (others). Raises
+    :class:`ConfigError` naming ``auth.keys`` and the entry (never the secret)."""
+    ring: dict[str, str] = {}
+    for index, entry in enumerate(config.keys, 1):
+        kid, sep, value = entry.partition(":")
+        if not sep or not _KID.fullmatch(kid):
+            raise ConfigError(f"config auth.keys: entry {index} must be KID:SECRET or KID:/path/to/key.pem "
+                              "with KID 1-64 of A-Z a-z 0-9 _ . -")
+        if kid in ring:
+            raise ConfigError(f"config auth.keys: key id {kid!r} appears twice")
+        if not value:
+            raise ConfigError(f"config auth.keys: key id {kid!r} has no key")
+        ring[kid] = value
+    return ring
+
+
+def check_key_material(config: AuthConfig) -> None:
+    """Every key of the ring is usable with the pinned algorithm (secret length, file present)."""
+    for kid, value in parse_key_ring(config).items():
+        if config.algorithm.startswith("HS"):
+            if len(value) < 32:
+                raise ConfigError(f"config auth.keys: key id {kid!r}: the secret must be at least 32 characters")
+        elif not Path(value).is_file():
+            raise ConfigError(f"config auth.keys: key id {kid!r}: public key file not found: {value}")
 
 
 class TokenVerifier:
-    """Verifies tokens against one pinned algorithm and key."""
+    """Verifies tokens against one pinned algorithm and a pinned key set."""
 
     def __init__(self, config: AuthConfig) -> None:
         self._config = config
         self._algorithm = config.algorithm
-        if config.algorithm.startswith("HS"):
-            self._key: Any = config.secret
-        else:
+        hmac = config.algorithm.startswith("HS")
+        # The key of tokens without kid; None when only the key ring is configured (they are refused).
+        self._key: Any = None
+        if hmac and config.secret:
+            self._key = config.secret
+        elif not hmac and config.public_key_file:
             self._key = Path(config.public_key_file).read_text(encoding="utf-8")
+        # kid -> key, read once (rotation means a restart with the new ring).
+        self._ring: dict[str, Any] = {
+            kid: value if hmac else Path(value).read_text(encoding="utf-8")
+            for kid, value in parse_key_ring(config).items()
+        }
+        self._token_type = _normal_type(config.token_type) if config.token_type else None
 
-    def verify(self, token: str | None) -> VerifiedToken:
+    def verify(self, token: str | None, now: float | None = None) -> VerifiedToken:
         """Return the verified identity or raise :class:`AuthError` (its message names no secret)."""
         if not token:
             raise AuthError("missing token")
         if len(token) > 8192:
             raise AuthError("token too long")
+        key = self._key_for(token)
         options: Any = {"require": ["exp", "sub"], "verify_aud": bool(self._config.audience)}
         try:
-            claims = jwt.decode(
+            decoded = jwt.decode_complete(
                 token,
-                self._key,
+                key,
                 algorithms=[self._algorithm],
                 audience=self._config.audience or None,
                 issuer=self._config.issuer or None,
@@ -64,6 +111,8 @@ class TokenVerifier:
             )
         except jwt.ExpiredSignatureError:
             raise AuthError("token expired") from None
+        except jwt.ImmatureSignatureError:
+            raise AuthError("token not yet valid (nbf or iat in the future)") from None
         except jwt.InvalidAudienceError:
             raise AuthError("token audience not accepted") from None
         except jwt.InvalidIssuerError:
@@ -76,7 +125,54 @@ class TokenVerifier:
             raise AuthError("token signature invalid") from None
         except jwt.PyJWTError:
             raise AuthError("token invalid") from None
+        claims: dict[str, Any] = decoded["payload"]
+        header: dict[str, Any] = decoded["header"]
+        self._check_issued_at(claims, time.time() if now is None else now)
+        self._check_type(header, claims)
         return _principal_from(claims)
+
+    def _key_for(self, token: str) -> Any:
+        """The key the token's kid names (with a key ring), else the default key."""
+        if not self._ring:
+            if self._key is None:
+                raise AuthError("no key configured")
+            return self._key
+        try:
+            kid = jwt.get_unverified_header(token).get("kid")
+        except jwt.PyJWTError:
+            raise AuthError("token invalid") from None
+        if kid is None:
+            if self._key is None:
+                raise AuthError("token lacks a key id (kid)")
+            return self._key
+        key = self._ring.get(kid) if isinstance(kid, str) else None
+        if key is None:
+            raise AuthError("unknown key id")
+        return key
+
+    def _check_issued_at(self, claims: dict[str, Any], now: float) -> None:
+        # pyjwt >= 2.10 refuses a future iat itself; older versions only check that it is a number.
+        iat = claims.get("iat")
+        if iat is None:
+            return
+        if isinstance(iat, bool) or not isinstance(iat, int | float):
+            raise AuthError("token iat must be a number")
+        if iat > now + self._config.leeway_s:
+            raise AuthError("token not yet valid (nbf or iat in the future)")
+
+    def _check_type(self, header: dict[str, Any], claims: dict[str, Any]) -> None:
+        if self._token_type is None:
+            return
+        # token_use states the token's purpose explicitly; typ is the fallback when it is absent.
+        declared = claims.get("token_use", header.get("typ"))
+        if not isinstance(declared, str) or _normal_type(declared) != self._token_type:
+            raise AuthError("token type not accepted")
+
+
+def _normal_type(value: str) -> str:
+    """typ values compare case-insensitively, with or without the ``application/`` prefix (RFC 7515)."""
+    lowered = value.strip().lower()
+    return lowered.removeprefix("application/")
 
 
 def _principal_from(claims: dict[str, Any]) -> VerifiedToken:
@@ -99,22 +195,28 @@ def _principal_from(claims: dict[str, Any]) -> VerifiedToken:
             continue  # a malformed room in a claim grants nothing
     exp = claims["exp"]
     jti = claims.get("jti")
+    iat = claims.get("iat")
     roles = frozenset(r for r in roles_claim if r in KNOWN_ROLES)
     return VerifiedToken(
         principal=Principal(sub, roles, frozenset(token_rooms)),
         expires_at=float(exp),
-        token_id=jti if isinstance(jti, str) else None,
+        token_id=jti if isinstance(jti, str) and 0 < len(jti) <= 256 else None,
+        issued_at=float(iat) if isinstance(iat, int | float) and not isinstance(iat, bool) else None,
     )
 
 
 def mint_token(config: AuthConfig, user_id: str, roles: list[str] | tuple[str, ...] = (),
                rooms: list[str] | tuple[str, ...] = (), ttl_s: int = 3600, private_key: str | None = None,
                now: float | None = None) -> str:
-    """Make a token this hub accepts (development, tests, ``hubctl token``)."""
-    import time
+    """Make a token this hub accepts (development, tests, ``hubctl token``), with a random ``jti`` so
+    it can be revoked on its own (``hubctl revoke-token --jti``)."""
+    import secrets
 
     issued = int(now if now is not None else time.time())
-    claims: dict[str, Any] = {"sub": user_id, "iat": issued, "exp": issued + ttl_s}
+    claims: dict[str, Any] = {"sub": user_id, "iat": issued, "exp": issued + ttl_s,
+                              "jti": secrets.token_urlsafe(12)}
+    if config.token_type:
+        claims["token_use"] = config.token_type
     if roles:
         claims["roles"] = list(roles)
     if rooms:
@@ -124,6 +226,6 @@ def mint_token(config: AuthConfig, user_id: str, roles: list[str] | tuple[str, .
     if config.issuer:
         claims["iss"] = config.issuer
     key = config.secret if config.algorithm.startswith("HS") else private_key
-    if key is None:
+    if not key:
         raise AuthError(f"minting {config.algorithm} tokens needs the private key")
     return jwt.encode(claims, key, algorithm=config.algorithm)

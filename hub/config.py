@@ -131,6 +131,25 @@ class AuthConfig:
     audience: str = ""
     issuer: str = ""
     leeway_s: float = 0.0
+    # Key ring for rotation: "KID:SECRET" (HS*) or "KID:/path/to/public.pem" (others); a token's kid header
+    # picks its key, an unknown kid is refused. secret/public_key_file stay the key of tokens without kid.
+    keys: tuple[str, ...] = ()
+    # When set, a token's token_use claim (or, without one, its typ header) must equal this (case-insensitive).
+    token_type: str = ""
+    # A connection gets token_expiring this long before its token's exp; at exp it is closed (4502).
+    expiry_warning_s: float = 60.0
+    # Redis unreachable for the revocation check: true admits the token unchecked, false refuses (503).
+    revocation_fail_open: bool = True
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    # Write audit events (auth failures, denials, limits, revocations, admin actions) to hub:audit.
+    enabled: bool = True
+    # Entries kept in the stream (XADD MAXLEN ~); hubctl archiver copies them to PostgreSQL.
+    stream_max_len: int = 1_000_000
+    # Events a node holds while Redis is slow or away; beyond, events are dropped (and counted).
+    queue_size: int = 10_000
 
 
 @dataclass(frozen=True)
@@ -191,6 +210,7 @@ class Config:
     postgres: PostgresConfig = field(default_factory=PostgresConfig)
     archiver: ArchiverConfig = field(default_factory=ArchiverConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     rooms: RoomsConfig = field(default_factory=RoomsConfig)
     relay: RelayConfig = field(default_factory=RelayConfig)
     encryption: EncryptionConfig = field(default_factory=EncryptionConfig)
@@ -221,6 +241,12 @@ class Config:
                                        "ES384", "ES512", "EdDSA"),
                "auth.algorithm", "must be one of HS256/384/512, RS256/384/512, ES256/384/512, EdDSA")
         _check(self.auth.leeway_s >= 0, "auth.leeway_s", "must not be negative")
+        _check(self.auth.expiry_warning_s >= 0, "auth.expiry_warning_s", "must not be negative")
+        from hub.auth import parse_key_ring
+
+        parse_key_ring(self.auth)  # raises ConfigError naming auth.keys and the entry
+        _check(self.audit.stream_max_len > 0, "audit.stream_max_len", "must be positive")
+        _check(self.audit.queue_size > 0, "audit.queue_size", "must be positive")
         _check(16 <= self.rooms.max_name_length <= 1024, "rooms.max_name_length", "must be 16..1024")
         _check(self.rooms.max_replay > 0, "rooms.max_replay", "must be positive")
         _check(self.rooms.max_join_history >= 0, "rooms.max_join_history", "must not be negative")
@@ -250,7 +276,14 @@ class Config:
         return self
 
     def check_auth(self) -> Config:
-        """The key material a node needs to verify tokens (not needed by grant/publish commands)."""
+        """The key material a node needs to verify tokens (not needed by grant/publish commands). With a
+        key ring (auth.keys) the default key is optional: without it, tokens without kid are refused."""
+        from hub.auth import check_key_material
+
+        check_key_material(self.auth)  # raises ConfigError naming auth.keys and the key id
+        default_key = self.auth.secret if self.auth.algorithm.startswith("HS") else self.auth.public_key_file
+        if self.auth.keys and not default_key:
+            return self
         if self.auth.algorithm.startswith("HS"):
             _check(len(self.auth.secret) >= 32, "auth.secret",
                    "must be set (JWT_SECRET) and at least 32 characters for HS* algorithms")
@@ -343,6 +376,7 @@ _SECTIONS: dict[str, type] = {
     "postgres": PostgresConfig,
     "archiver": ArchiverConfig,
     "auth": AuthConfig,
+    "audit": AuditConfig,
     "rooms": RoomsConfig,
     "relay": RelayConfig,
     "encryption": EncryptionConfig,

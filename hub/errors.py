@@ -83,6 +83,12 @@ class RateLimited(ClientError):
         self.retry_after_ms = retry_after_ms
 
 
+class InvalidToken(ClientError):
+    """A ``refresh`` token was refused; the connection keeps its current token and deadline."""
+
+    code = "invalid_token"
+
+
 class Unavailable(ClientError):
     """Redis could not be reached; nothing was stored. Retry with the same client_msg_id."""
 
@@ -96,7 +102,9 @@ class CloseCode(IntEnum):
     SERVER_SHUTDOWN = 4001  # node draining (SIGTERM): reconnect, another node will take you
     IDLE_TIMEOUT = 4002  # no frame for server.connection_timeout_s
     SLOW = 4008  # the client did not read fast enough; reconnect and resume
-    UNAUTHORIZED = 4501  # credentials no longer valid (token expired or revoked): get a new token
+    UNAUTHORIZED = 4501  # credentials no longer valid (reserved; expiry and revocation have their own codes)
+    TOKEN_EXPIRED = 4502  # the token reached exp without a refresh frame: reconnect with a new token
+    TOKEN_REVOKED = 4503  # the token (or every token of the user) was revoked: re-authenticate
 
 
 # Every error code a client can see in an ``error`` frame, with its meaning (README's table is built
@@ -111,5 +119,6 @@ ERROR_CODES: dict[str, str] = {
     "message_too_large": "content exceeds server.max_content_bytes; nothing was stored",
     "rate_limited": "too many messages or typing events; nothing was stored; retry after retry_after_ms",
     "unavailable": "Redis could not be reached; nothing was stored; retry with the same client_msg_id",
+    "invalid_token": "the refresh token was refused (invalid, revoked, another user); the current one still applies",
     "internal_error": "a bug; the connection stays open; please report it",
 }

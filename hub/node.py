@@ -32,6 +32,7 @@ from hub.protocol import (
     NotificationAck,
     Ping,
     PresenceQuery,
+    Refresh,
     SetPresence,
     StreamId,
     SubscribeUpdates,
@@ -166,6 +167,7 @@ class Node:
             exc.request_type = envelope.type
             exc.request_id = envelope.request_id
             self._count_error(exc)
+            session.note_refusal(exc, _room_of(envelope))  # audits ACL denials and rate-limit hits
             session.send_error(exc, room=_room_of(envelope))
         except Exception:
             log.exception("internal error handling %s", envelope.type)
@@ -224,6 +226,8 @@ class Node:
                                            "ids": [format_stream_id(i) for i in frame.ids]}, env))
         elif isinstance(frame, Ping):
             session.send(_with_request_id({"type": "pong", "server_time": iso_ms(_now_ms())}, env))
+        elif isinstance(frame, Refresh):
+            session.send(_with_request_id(await session.refresh(frame.token), env))
         else:  # pragma: no cover - parse_client_frame only returns the types above
             raise InvalidFrame("unsupported frame")
 

@@ -114,8 +114,13 @@ class MarkRead:
     up_to: StreamId
 
 
+@dataclass(frozen=True)
+class Refresh:
+    token: str  # a newer token for the same user; moves the connection's expiry deadline
+
+
 ClientFrame = (JoinRoom | LeaveRoom | ChatMessage | Typing | SubscribeUpdates | Ping | MarkRead | SetPresence
-               | PresenceQuery | NotificationAck)
+               | PresenceQuery | NotificationAck | Refresh)
 
 
 @dataclass(frozen=True)
@@ -293,6 +298,18 @@ def _mark_read(obj: dict[str, Any], _a: int, _b: int) -> MarkRead:
     return MarkRead(obj.get("room"), parse_read_position(obj.get("message_ids"), obj.get("up_to")))
 
 
+MAX_TOKEN_CHARS = 8192
+
+
+def _refresh(obj: dict[str, Any], _a: int, _b: int) -> Refresh:
+    token = obj.get("token")
+    if not isinstance(token, str) or not token:
+        raise InvalidFrame("refresh needs a string field 'token'")
+    if len(token) > MAX_TOKEN_CHARS:
+        raise InvalidFrame(f"token is longer than {MAX_TOKEN_CHARS} characters")
+    return Refresh(token)
+
+
 _PARSERS: dict[str, Any] = {
     "join_room": _join,
     "leave_room": _leave,
@@ -308,6 +325,7 @@ _PARSERS: dict[str, Any] = {
     "presence": _presence,
     "presence_query": _presence_query,
     "notification_ack": _notification_ack,
+    "refresh": _refresh,
 }
 CLIENT_FRAME_TYPES = frozenset(_PARSERS)
 

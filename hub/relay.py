@@ -61,6 +61,8 @@ class Relay:
         self._confirmations: dict[str, list[asyncio.Future[None]]] = {}
         # Pending ACL re-checks (owned here, awaited on close).
         self._acl_tasks: set[asyncio.Task[None]] = set()
+        # Called with each control-channel message (token revocations); set by the app, must not raise.
+        self.on_control: Callable[[bytes], None] | None = None
         self.entries_delivered = 0
         self.undeliverable_entries = 0
         self.reads = 0
@@ -70,7 +72,7 @@ class Relay:
     async def start(self) -> None:
         self._pubsub = self._redis.pubsub()
         # The first subscription creates the connection that listen() reads from.
-        await self._pubsub.subscribe(f"{self._keys.prefix}control")
+        await self._pubsub.subscribe(self._keys.control_channel())
 
     async def run(self) -> None:
         """Run the read loop, the subscription listener and the sweep until cancelled."""
@@ -198,6 +200,9 @@ class Relay:
             return
         target = self._channels.get(channel)
         if target is None:
+            if self.on_control is not None and channel == self._keys.control_channel():
+                data = message["data"]
+                self.on_control(data if isinstance(data, bytes) else str(data).encode())
             return
         room, what = target
         if what == "s":

@@ -1,8 +1,10 @@
 """The network surface: websockets ``serve``, the handshake checks, and the bodiless HTTP endpoints.
 
 Authentication happens in ``process_request``, before the upgrade: a bad or missing token gets
-HTTP 401 and nothing touches Redis. The token arrives in the ``token`` query parameter (browsers
-cannot set headers on a WebSocket) or an ``Authorization: Bearer`` header; it is never logged.
+HTTP 401 without any Redis read (only an audit event is queued). A verified token is then checked
+for revocation (one pipelined round trip; 401 "token revoked") and against the connection limits
+(429). The token arrives in the ``token`` query parameter (browsers cannot set headers on a
+WebSocket) or an ``Authorization: Bearer`` header; it is never logged nor audited.
 """
 
 from __future__ import annotations
@@ -13,14 +15,15 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 import orjson
+from redis.exceptions import RedisError
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from hub import metrics
-from hub.auth import TokenVerifier
 from hub.errors import AuthError
 from hub.logs import protect_logger
 from hub.session import HubConnection
+from hub.tokens import TokenGuard
 
 if TYPE_CHECKING:
     from hub.app import App
@@ -46,9 +49,9 @@ def error_response(status: HTTPStatus, code: str, message: str) -> Response:
 class Handshake:
     """``process_request`` for websockets: routes HTTP endpoints and authenticates upgrades."""
 
-    def __init__(self, app: App, verifier: TokenVerifier) -> None:
+    def __init__(self, app: App, guard: TokenGuard) -> None:
         self._app = app
-        self._verifier = verifier
+        self._guard = guard
 
     async def __call__(self, connection: Any, request: Request) -> Response | None:
         assert isinstance(connection, HubConnection)
@@ -79,6 +82,8 @@ class Handshake:
                                   "this endpoint speaks WebSocket only")
         if self._app.draining:
             return error_response(HTTPStatus.SERVICE_UNAVAILABLE, "draining", "node is shutting down")
+        connection.client_ip = client_ip(_peer(connection), request.headers.get("X-Forwarded-For"),
+                                         self._app.config.server.trusted_proxies)
         params = parse_qs(query, keep_blank_values=True, max_num_fields=32)
         token = _first(params, "token")
         if token is None:
@@ -86,9 +91,10 @@ class Handshake:
             if auth[:7].lower() == "bearer ":
                 token = auth[7:].strip()
         try:
-            connection.verified = self._verifier.verify(token)
+            connection.verified = self._guard.verifier.verify(token)
         except AuthError as exc:
-            log.info("handshake refused from %s: %s", _peer(connection), exc.message)
+            log.info("handshake refused from %s: %s", connection.client_ip, exc.message)
+            self._guard.audit.record("auth_failure", ip=connection.client_ip, what="handshake", reason=exc.message)
             return error_response(HTTPStatus.UNAUTHORIZED, "unauthorized", exc.message)
         connection.client_type = (_first(params, "client_type") or "")[:32]
         connection.client_version = (_first(params, "client_version") or "")[:32]
@@ -97,15 +103,27 @@ class Handshake:
 
 
     async def _admit(self, connection: HubConnection, request: Request) -> Response | None:
-        """Per-IP connect rate and per-IP/per-user connection caps: HTTP 429 before the upgrade."""
+        """Revocation (HTTP 401), then the per-IP connect rate and per-IP/per-user connection caps
+        (HTTP 429), before the upgrade."""
         node = self._app.node
-        assert node is not None and connection.verified is not None
-        peer = connection.remote_address[0] if connection.remote_address else ""
-        ip = client_ip(str(peer), request.headers.get("X-Forwarded-For"), self._app.config.server.trusted_proxies)
-        connection.client_ip = ip
-        decision, lease = await node.limits.admit_connection(ip, connection.verified.principal.user_id)
+        verified = connection.verified
+        assert node is not None and verified is not None
+        ip = connection.client_ip
+        user_id = verified.principal.user_id
+        try:
+            revoked = await self._guard.store.is_revoked(verified)
+        except (RedisError, OSError):
+            return error_response(HTTPStatus.SERVICE_UNAVAILABLE, "unavailable",
+                                  "cannot check the token for revocation now; retry later")
+        if revoked:
+            connection.verified = None
+            log.info("handshake refused from %s: token revoked (user %s)", ip, user_id)
+            self._guard.audit.record("auth_failure", who=user_id, ip=ip, what="handshake", reason="token revoked")
+            return error_response(HTTPStatus.UNAUTHORIZED, "unauthorized", "token revoked")
+        decision, lease = await node.limits.admit_connection(ip, user_id)
         if lease is None:
             log.info("connection refused (limit) from %s", ip)
+            self._guard.audit.record("rate_limited", who=user_id, ip=ip, what="connect")
             response = error_response(HTTPStatus.TOO_MANY_REQUESTS, "rate_limited",
                                       "too many connections; retry later")
             response.headers["Retry-After"] = str(max(1, -(-decision.retry_after_ms // 1000)))
@@ -133,4 +151,4 @@ def _first(params: dict[str, list[str]], name: str) -> str | None:
 
 def _peer(connection: HubConnection) -> str:
     address = connection.remote_address
-    return str(address[0]) if address else "?"
+    return str(address[0]) if address else ""

@@ -4,6 +4,10 @@ Every frame the hub sends to a client goes through :meth:`Session.send_wire`: by
 to the session's pending list and written with one ``transport.write`` per event-loop turn by the
 node's :class:`Outbox`. Nothing ever awaits a client's socket, so one stalled client cannot slow a
 room; a client whose unsent bytes exceed the limit is closed with 4008 "slow".
+
+The session also owns its token's lifetime: a timer sends ``token_expiring`` ``auth.expiry_warning_s``
+before the deadline (the token's exp plus ``auth.leeway_s``) and another closes the connection with
+4502 at the deadline, unless a ``refresh`` frame brought a newer token for the same user first.
 """
 
 from __future__ import annotations
@@ -15,17 +19,19 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from redis.exceptions import RedisError
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
 from hub.auth import VerifiedToken
-from hub.errors import ClientError, CloseCode, RateLimited
+from hub.errors import AuthError, ClientError, CloseCode, Forbidden, InvalidToken, RateLimited, Unavailable
 from hub.limits import Lease
-from hub.protocol import encode, error_frame, text_frame
+from hub.protocol import encode, error_frame, iso_ms, text_frame
 
 if TYPE_CHECKING:
     from hub.node import Node
+    from hub.tokens import TokenGuard
 
 log = logging.getLogger("hub.session")
 PublishCallback = Callable[["asyncio.Future[Any]"], None]
@@ -72,10 +78,12 @@ class Outbox:
 class Session:
     """State of one connection, from after the handshake until it closes."""
 
-    def __init__(self, connection: HubConnection, node: Node, outbox: Outbox) -> None:
+    def __init__(self, connection: HubConnection, node: Node, outbox: Outbox, guard: TokenGuard) -> None:
         assert connection.verified is not None
         self.connection = connection
         self.node = node
+        self.guard = guard
+        # The connection's current token and identity; a refresh replaces both (same user id).
         self.principal = connection.verified.principal
         self.token = connection.verified
         self.user_id = self.principal.user_id
@@ -98,6 +106,10 @@ class Session:
         self.auto_away = False
         # Publishes in flight; the read loop waits when the client has too many.
         self.inflight = asyncio.Semaphore(node.config.server.max_inflight_publishes)
+        # The token's timers: the token_expiring warning and the close at the deadline. Set once the
+        # session serves, replaced by a refresh, cancelled on close; None when not (or no longer) due.
+        self._expiry_warning: asyncio.TimerHandle | None = None
+        self._expiry: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------------ outgoing
 
@@ -141,6 +153,7 @@ class Session:
         if self.closing:
             return
         self.closing = True
+        self._cancel_expiry()
         self._pending.clear()
         conn = self.connection
         if conn.protocol.state is State.OPEN:
@@ -157,13 +170,18 @@ class Session:
     async def run(self) -> None:
         """Serve the connection until it closes. Never raises for client behaviour."""
         conn = self.connection
-        await self.node.session_connected(self, {
-            "type": "connection_established",
-            "connection_id": self.id,
-            "user_id": self.user_id,
-            "server_time": _now_iso(),
-            "heartbeat_s": self.node.config.server.ping_interval_s,
-        })
+        if self.guard.watch.recently_revoked(self.token):
+            # Revoked while this connection was being set up (after the handshake's Redis check).
+            self.close(CloseCode.TOKEN_REVOKED, "token revoked", self.node.config.server.slow_close_grace_s)
+        else:
+            await self.node.session_connected(self, {
+                "type": "connection_established",
+                "connection_id": self.id,
+                "user_id": self.user_id,
+                "server_time": _now_iso(),
+                "heartbeat_s": self.node.config.server.ping_interval_s,
+            })
+            self._schedule_expiry()
         try:
             async for raw in conn:
                 self.last_frame_at = time.monotonic()
@@ -174,9 +192,88 @@ class Session:
             pass
         finally:
             self.closing = True
+            self._cancel_expiry()
             if self._abort_handle is not None:
                 self._abort_handle.cancel()
             await self.node.session_closed(self)
+
+    # ------------------------------------------------------------------ token lifetime
+
+    @property
+    def deadline(self) -> float:
+        """When the connection is closed unless refreshed (epoch seconds): exp plus the leeway."""
+        return self.token.expires_at + self.guard.config.leeway_s
+
+    def _schedule_expiry(self) -> None:
+        self._cancel_expiry()
+        if self.closing:
+            return
+        loop = asyncio.get_running_loop()
+        left = self.deadline - time.time()
+        warning_s = self.guard.config.expiry_warning_s
+        if warning_s > 0 and left > 0:
+            # A token already inside the warning window is warned about at once.
+            self._expiry_warning = loop.call_later(max(0.0, left - warning_s), self._warn_expiry)
+        self._expiry = loop.call_later(max(0.0, left), self._expire)
+
+    def _cancel_expiry(self) -> None:
+        for handle in (self._expiry_warning, self._expiry):
+            if handle is not None:
+                handle.cancel()
+        self._expiry_warning = self._expiry = None
+
+    def _warn_expiry(self) -> None:
+        self._expiry_warning = None
+        left = self.deadline - time.time()
+        if left > 0:
+            self.send({"type": "token_expiring", "expires_at": iso_ms(int(self.deadline * 1000)), "in_s": int(left)})
+
+    def _expire(self) -> None:
+        self._expiry = None
+        if self.closing:
+            return
+        if self.deadline - time.time() > 0.05:  # the wall clock moved back since the timer was set
+            self._schedule_expiry()
+            return
+        log.info("closing %s (user %s): token expired", self.id, self.user_id)
+        self.guard.audit.record("token_expired", who=self.user_id, ip=self.connection.client_ip, what="connection",
+                                connection=self.id)
+        self.close(CloseCode.TOKEN_EXPIRED, "token expired", self.node.config.server.slow_close_grace_s)
+
+    async def refresh(self, token: str) -> dict[str, Any]:
+        """Adopt a newer token: verified like at the handshake, same ``sub``, not revoked. It replaces
+        the connection's identity (roles, room claims) and moves the deadline. Raises
+        :class:`InvalidToken` (the current token stays) or :class:`Unavailable`."""
+        guard = self.guard
+        try:
+            verified = guard.verifier.verify(token)
+            if verified.principal.user_id != self.user_id:
+                raise AuthError("the token is for another user")
+            try:
+                revoked = await guard.store.is_revoked(verified) or guard.watch.recently_revoked(verified)
+            except (RedisError, OSError):
+                raise Unavailable("cannot check the token for revocation now; retry") from None
+            if revoked:
+                raise AuthError("token revoked")
+        except AuthError as exc:
+            guard.audit.record("auth_failure", who=self.user_id, ip=self.connection.client_ip, what="refresh",
+                               reason=exc.message)
+            raise InvalidToken(exc.message) from None
+        self.token = verified
+        self.principal = verified.principal
+        self._schedule_expiry()
+        return {"type": "token_refreshed", "expires_at": iso_ms(int(self.deadline * 1000))}
+
+    def note_refusal(self, exc: ClientError, room: str | None) -> None:
+        """Audit the refusals that matter for security: ACL denials and rate-limit hits."""
+        if isinstance(exc, Forbidden):
+            event = "acl_denied"
+        elif isinstance(exc, RateLimited):
+            event = "rate_limited"
+        else:
+            return
+        self.guard.audit.record(event, who=self.user_id, ip=self.connection.client_ip, what=room,
+                                request=exc.request_type)
 
     def after_publish(self, callback: PublishCallback) -> PublishCallback:
         """Wrap a publish completion callback so it frees the in-flight slot first."""
@@ -189,6 +286,4 @@ class Session:
 
 
 def _now_iso() -> str:
-    from hub.protocol import iso_ms
-
     return iso_ms(int(time.time() * 1000))

@@ -174,7 +174,8 @@ async def test_bad_bearer_header_gets_401(node: App) -> None:
 
 async def test_refused_handshakes_write_nothing_to_redis(nodes: NodeFactory, redis_client: Redis,
                                                          prefix: str) -> None:
-    """After every kind of refused handshake, the only keys under the prefix are the nodes' registrations."""
+    """After every kind of refused handshake, the only keys under the prefix are the nodes' registrations and
+    the audit stream."""
     plain = await nodes.start()
     strict = await audience_node(nodes)
     for make in BAD_TOKENS.values():
@@ -182,9 +183,13 @@ async def test_refused_handshakes_write_nothing_to_redis(nodes: NodeFactory, red
     for make in BAD_AUDIENCE_TOKENS.values():
         await refused(url_of(strict), make())
     await refused(url_of(plain), None, additional_headers={"Authorization": "Bearer not-a-jwt"})
+    for app in (plain, strict):
+        assert app.audit is not None
+        await app.audit.flush()
 
     found = {key.decode() async for key in redis_client.scan_iter(match=f"{prefix}*", count=1000)}
-    expected = {plain.keys.nodes(), plain.keys.node(plain.node_id), strict.keys.node(strict.node_id)}
+    expected = {plain.keys.nodes(), plain.keys.node(plain.node_id), strict.keys.node(strict.node_id),
+                plain.keys.audit()}
     assert found == expected
 
 

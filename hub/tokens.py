@@ -1,0 +1,194 @@
+"""A token's life after the handshake: revocation, and what a session needs to enforce expiry and
+accept a ``refresh``.
+
+Revocation is by token id (``jti``, kept for a TTL) or by user (every token of the user issued before
+a time). It is stored in Redis (keys in :mod:`hub.keys`) and announced on the control channel that
+every node's relay already listens to, so each node closes the matching live connections (close code
+4503) as soon as the announcement arrives. A handshake or a refresh asks Redis whether its token is
+revoked in one pipelined round trip.
+
+A node may be between its Redis check and registering the new session when an announcement arrives;
+the announcement would then miss the session. So each node remembers announcements for
+``RECENT_S`` seconds and checks every new session against them before it is served.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import orjson
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from hub.audit import Audit
+from hub.auth import TokenVerifier, VerifiedToken
+from hub.config import AuthConfig
+from hub.errors import CloseCode
+from hub.keys import Keys
+
+if TYPE_CHECKING:
+    from hub.registry import Registry
+
+log = logging.getLogger("hub.tokens")
+
+# How long a node remembers an announced revocation for sessions still being set up.
+RECENT_S = 30.0
+# Default lifetime of a jti revocation: longer than any access token should live.
+DEFAULT_JTI_TTL_S = 7 * 86_400
+_OP = "revoke"
+
+
+@dataclass(frozen=True)
+class Revocation:
+    """One revocation: a token id, or a user's tokens issued before ``before_ms``."""
+
+    jti: str | None = None
+    user_id: str | None = None
+    before_ms: int = 0
+
+    def matches(self, token: VerifiedToken) -> bool:
+        if self.jti is not None:
+            return token.token_id == self.jti
+        if self.user_id is not None and token.principal.user_id == self.user_id:
+            # A token without iat cannot prove it is newer than the revocation.
+            return token.issued_at is None or token.issued_at * 1000 < self.before_ms
+        return False
+
+    def encode(self) -> bytes:
+        body: dict[str, object] = {"op": _OP}
+        if self.jti is not None:
+            body["jti"] = self.jti
+        if self.user_id is not None:
+            body["user"] = self.user_id
+            body["before_ms"] = self.before_ms
+        return orjson.dumps(body)
+
+    @staticmethod
+    def decode(data: bytes) -> Revocation | None:
+        """The revocation a control message announces, or None (another command, or garbage)."""
+        try:
+            body = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return None
+        if not isinstance(body, dict) or body.get("op") != _OP:
+            return None
+        jti, user, before = body.get("jti"), body.get("user"), body.get("before_ms", 0)
+        if isinstance(jti, str) and jti:
+            return Revocation(jti=jti)
+        if isinstance(user, str) and user and isinstance(before, int) and not isinstance(before, bool):
+            return Revocation(user_id=user, before_ms=before)
+        return None
+
+
+class RevocationStore:
+    """Revocations in Redis: written by hubctl, read at every handshake and refresh."""
+
+    def __init__(self, redis: Redis, keys: Keys, *, fail_open: bool = True) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._fail_open = fail_open
+
+    async def is_revoked(self, token: VerifiedToken) -> bool:
+        """One pipelined round trip. When Redis cannot be asked: False with ``fail_open`` (the token
+        is admitted unchecked), else raises the RedisError (the caller refuses with 503)."""
+        pipe = self._redis.pipeline(transaction=False)
+        if token.token_id is not None:
+            pipe.exists(self._keys.revoked_token(token.token_id))
+        pipe.get(self._keys.revoked_user(token.principal.user_id))
+        try:
+            replies = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            if not self._fail_open:
+                raise
+            log.warning("revocation check skipped, Redis unavailable (%s)", type(exc).__name__)
+            return False
+        if token.token_id is not None and replies[0]:
+            return True
+        raw = replies[-1]
+        if raw is None:
+            return False
+        try:
+            before_ms = int(raw)
+        except ValueError:
+            return False
+        return Revocation(user_id=token.principal.user_id, before_ms=before_ms).matches(token)
+
+    async def revoke_token(self, jti: str, ttl_s: int = DEFAULT_JTI_TTL_S) -> int:
+        """Revoke one token for ``ttl_s`` and announce it. Returns how many nodes heard it."""
+        revocation = Revocation(jti=jti)
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.set(self._keys.revoked_token(jti), b"1", ex=ttl_s)
+        pipe.publish(self._keys.control_channel(), revocation.encode())
+        replies = await pipe.execute()
+        return int(replies[-1])
+
+    async def revoke_user(self, user_id: str, at_ms: int | None = None, ttl_s: int | None = None) -> int:
+        """Revoke every token of ``user_id`` issued before ``at_ms`` (default: now) and announce it.
+        Tokens issued in the same second are refused too (iat has second precision). Returns how many
+        nodes heard it."""
+        before_ms = int(time.time() * 1000) if at_ms is None else at_ms
+        revocation = Revocation(user_id=user_id, before_ms=before_ms)
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.set(self._keys.revoked_user(user_id), str(before_ms), ex=ttl_s)
+        pipe.publish(self._keys.control_channel(), revocation.encode())
+        replies = await pipe.execute()
+        return int(replies[-1])
+
+
+class RevocationWatch:
+    """Applies announced revocations to this node's live sessions (and to those being set up)."""
+
+    def __init__(self, registry: Registry, audit: Audit, grace_s: float) -> None:
+        self._registry = registry
+        self._audit = audit
+        self._grace_s = grace_s
+        # (monotonic time heard, revocation), oldest first; pruned past RECENT_S.
+        self._recent: collections.deque[tuple[float, Revocation]] = collections.deque()
+        self.applied = 0
+
+    def on_control(self, data: bytes) -> None:
+        """Handle one control-channel message (called from the relay's listener; never raises)."""
+        try:
+            revocation = Revocation.decode(data)
+            if revocation is None:
+                return
+            self._recent.append((time.monotonic(), revocation))
+            self._prune()
+            if revocation.user_id is not None:
+                candidates = list(self._registry.users.get(revocation.user_id, ()))
+            else:
+                candidates = list(self._registry.sessions)
+            for session in candidates:
+                if not session.closing and revocation.matches(session.token):
+                    self.applied += 1
+                    self._audit.record("revoked", who=session.user_id, ip=session.connection.client_ip,
+                                       what="connection", connection=session.id,
+                                       by="jti" if revocation.jti is not None else "user")
+                    session.close(CloseCode.TOKEN_REVOKED, "token revoked", self._grace_s)
+        except Exception:
+            log.exception("control message not applied")
+
+    def recently_revoked(self, token: VerifiedToken) -> bool:
+        """Whether a revocation announced in the last RECENT_S seconds covers ``token``."""
+        self._prune()
+        return any(revocation.matches(token) for _, revocation in self._recent)
+
+    def _prune(self) -> None:
+        horizon = time.monotonic() - RECENT_S
+        while self._recent and self._recent[0][0] < horizon:
+            self._recent.popleft()
+
+
+@dataclass(frozen=True)
+class TokenGuard:
+    """What the handshake and each session use to keep a connection's token honest."""
+
+    config: AuthConfig
+    verifier: TokenVerifier
+    store: RevocationStore
+    watch: RevocationWatch
+    audit: Audit
