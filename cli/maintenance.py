@@ -43,8 +43,10 @@ def _ids(value: str | None, name: str) -> StreamId | None:
 
 async def _with_stores(ctx: click.Context, action: Any, *, postgres: bool = True) -> Plan:
     from redis.asyncio import Redis
+    from redis.exceptions import RedisError
 
-    from cli.main import _config, _pg_connect
+    from cli.main import _config, _host, _operator, _pg_connect
+    from hub.audit import write_event
     from hub.keys import Keys
 
     config = _config(ctx, require_auth=False)
@@ -52,7 +54,15 @@ async def _with_stores(ctx: click.Context, action: Any, *, postgres: bool = True
     pg = await _pg_connect(config) if postgres else None
     try:
         db = int(redis.connection_pool.connection_kwargs.get("db", 0) or 0)
-        plan: Plan = await action(redis, Keys(config.redis.key_prefix, db), pg)
+        keys = Keys(config.redis.key_prefix, db)
+        plan: Plan = await action(redis, keys, pg)
+        if plan.applied:
+            try:
+                await write_event(redis, keys, config.audit, f"hubctl@{_host()}", "admin_action", who=_operator(),
+                                  what=plan.room or plan.details.get("kind", ""), command=plan.action,
+                                  redis_entries=plan.redis_entries, postgres_rows=plan.postgres_rows)
+            except (RedisError, OSError) as exc:
+                click.echo(f"warning: done, but the audit event was not written: {exc}", err=True)
         return plan
     finally:
         if pg is not None:

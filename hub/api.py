@@ -19,7 +19,6 @@ import asyncpg
 import orjson
 from redis.exceptions import RedisError
 
-from hub.auth import TokenVerifier
 from hub.errors import AuthError, ClientError, Forbidden, HubError, InvalidRoom
 from hub.history import MAX_OFFSET, MAX_QUERY_CHARS, dm_pattern
 from hub.notifications import inbox_room
@@ -32,6 +31,7 @@ from hub.protocol import (
     parse_stream_id,
 )
 from hub.rooms import Principal, Room, parse_room
+from hub.tokens import TokenGuard
 
 if TYPE_CHECKING:
     from hub.node import Node
@@ -62,9 +62,10 @@ class BadParameter(ClientError):
 
 
 class Api:
-    def __init__(self, node: Node, verifier: TokenVerifier) -> None:
+    def __init__(self, node: Node, guard: TokenGuard) -> None:
         self._node = node
-        self._verifier = verifier
+        # Token checks as at the handshake (verification, revocation) and the audit writer.
+        self._guard = guard
 
     def handles(self, path: str) -> bool:
         return path in ("/ws/rooms", "/ws/search", "/ws/notifications", "/ws/notifications/ack") \
@@ -74,8 +75,10 @@ class Api:
                      body: bytes | None) -> Reply:
         """Answer one request. Never raises: every failure is a JSON error with a stable code."""
         params = parse_qs(query, keep_blank_values=True, max_num_fields=32)
+        user_id: str | None = None
         try:
-            who = self._authenticate(headers, params)
+            who = await self._authenticate(headers, params)
+            user_id = who.user_id
             match = _ROOM_PATH.fullmatch(path)
             if path == "/ws/rooms" and method == "GET":
                 return await self._rooms(who)
@@ -96,6 +99,7 @@ class Api:
         except AuthError as exc:
             return fail(401, "unauthorized", exc.message)
         except Forbidden as exc:
+            self._guard.audit.record("acl_denied", who=user_id, what=path[:200], request=method, reason=exc.message)
             return fail(403, "forbidden", exc.message)
         except InvalidRoom as exc:
             return fail(400, "invalid_room", exc.message)
@@ -112,12 +116,15 @@ class Api:
         except HubError as exc:
             return fail(500, exc.code, exc.message)
 
-    def _authenticate(self, headers: Mapping[str, str], params: dict[str, list[str]]) -> Principal:
+    async def _authenticate(self, headers: Mapping[str, str], params: dict[str, list[str]]) -> Principal:
         auth = headers.get("Authorization", "") or headers.get("authorization", "")
         token = auth[7:].strip() if auth[:7].lower() == "bearer " else None
         if token is None and params.get("token"):
             token = params["token"][0]
-        return self._verifier.verify(token).principal
+        verified = self._guard.verifier.verify(token)
+        if await self._guard.store.is_revoked(verified):
+            raise AuthError("token revoked")
+        return verified.principal
 
     async def _room(self, who: Principal, name: str) -> Room:
         room = parse_room(name, self._node.config.rooms.max_name_length)

@@ -54,6 +54,9 @@ async def test_purge_room_shows_its_plan_refuses_unarchived_and_then_removes_eve
     assert await pg.fetchval("SELECT count(*) FROM messages WHERE room = 'channel_old'") == 0
     again = await hubctl(prefix, pg_schema, "purge", "room", "channel_old", "--yes", "--json")
     assert plan_of(again)["redis_entries"] == 0 and plan_of(again)["postgres_rows"] == 0
+    audited = [f for _, f in await redis_client.xrange(Keys(prefix).audit())
+               if f.get(b"command") == b"purge-room"]
+    assert len(audited) == 2 and audited[0][b"what"] == b"channel_old"  # the refusal was not audited
 
 
 async def test_purge_older_than_keeps_unarchived_entries(
