@@ -83,7 +83,7 @@ def serve(ctx: click.Context, host: str | None, port: int | None, workers: int, 
         sys.exit(_run_workers(config, workers))
     from hub.logs import setup_logging
 
-    setup_logging(config.logging.level)
+    setup_logging(config.logging.level, config.logging.json)
     if ctx.obj["dev"]:
         click.echo("dev mode: mint a token with  hubctl --dev token 1", err=True)
     _run_node(config, reuse_port)
@@ -524,7 +524,7 @@ def archiver(ctx: click.Context, burst: bool, name: str | None) -> None:
     config = _config(ctx, overrides, require_auth=False)
     from hub.logs import setup_logging
 
-    setup_logging(config.logging.level)
+    setup_logging(config.logging.level, config.logging.json)
 
     async def run() -> Any:
         from redis.asyncio import Redis

@@ -43,6 +43,8 @@ from hub.tasks import cancel_and_wait
 from hub.tokens import RevocationStore, RevocationWatch, TokenGuard
 
 log = logging.getLogger("hub.app")
+# One line per connection open and close (never per message; never a token or a body).
+conn_log = logging.getLogger("hub.connections")
 
 # Keyspace notification classes the relay needs: K (keyspace channel), t (stream), s (set: grants),
 # g (generic: DEL of a grant set or a stream).
@@ -221,7 +223,17 @@ class App:
         if self.draining:
             session.close(CloseCode.SERVER_SHUTDOWN, "server shutting down, reconnect",
                           self.config.server.drain_timeout_s)
-        await session.run()
+        opened = time.monotonic()
+        conn_log.info("connection open", extra={"fields": {
+            "event": "open", "connection_id": session.id, "user_id": session.user_id, "ip": connection.client_ip,
+            "client_type": connection.client_type, "client_version": connection.client_version}})
+        try:
+            await session.run()
+        finally:
+            conn_log.info("connection closed", extra={"fields": {
+                "event": "close", "connection_id": session.id, "user_id": session.user_id,
+                "ip": connection.client_ip, "client_type": connection.client_type,
+                "duration_s": round(time.monotonic() - opened, 3), "close_code": connection.close_code}})
 
     # ------------------------------------------------------------------ background work
 

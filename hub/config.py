@@ -55,6 +55,9 @@ class ServerConfig:
     # refuses them (fail closed). Separate for rates and for connection caps.
     rate_limits_fail_open: bool = True
     connection_caps_fail_open: bool = True
+    # Who may read /metrics and /ws/connection-stats: these client IPs (exact), or a token with the
+    # admin role. Default: loopback only.
+    admin_ips: tuple[str, ...] = ("127.0.0.1", "::1")
     # Peers whose X-Forwarded-For is believed (exact IPs of your reverse proxies); others' is ignored.
     trusted_proxies: tuple[str, ...] = ()
     # A connection whose unsent bytes exceed this is closed with 4008 "slow".

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from hub import metrics
 from hub.api import MAX_BODY_BYTES, Api, fail
+from hub.server import client_ip, is_admin_request
 
 if TYPE_CHECKING:
     from hub.app import App
@@ -21,9 +22,16 @@ def build_api_app(app: App, api: Api) -> web.Application:
             response = await app.health_response()
             return web.Response(status=response.status_code, body=response.body,
                                 content_type="application/json")
-        if request.path == "/metrics":
-            return web.Response(body=metrics.render(app), headers={"Content-Type": metrics.CONTENT_TYPE})
-        if request.path == "/ws/connection-stats":
+        if request.path in ("/metrics", "/ws/connection-stats"):
+            server = app.config.server
+            ip = client_ip(request.remote or "", request.headers.get("X-Forwarded-For"), server.trusted_proxies)
+            assert app.guard is not None
+            if not is_admin_request(server.admin_ips, app.guard.verifier, ip, request.headers.get("Authorization", ""),
+                                    request.query_string):
+                denied = fail(403, "forbidden", "admins only (server.admin_ips or an admin token)")
+                return _json(denied.status, denied.body)
+            if request.path == "/metrics":
+                return web.Response(body=metrics.render(app), headers={"Content-Type": metrics.CONTENT_TYPE})
             return _json(200, metrics.connection_stats(app))
         if not api.handles(request.path):
             reply = fail(404, "not_found", "no such endpoint")

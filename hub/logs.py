@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import logging
 import re
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
 
 _TOKEN_PARAM = re.compile(r"(token=)[^&\s\"']+", re.IGNORECASE)
 _BEARER = re.compile(r"(bearer\s+)[A-Za-z0-9._~+/=-]+", re.IGNORECASE)
@@ -34,9 +38,27 @@ def protect_logger(name: str) -> None:
         logger.addFilter(RedactingFilter())
 
 
-def setup_logging(level: str) -> None:
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and the record's ``fields`` (structured
+    data passed with ``extra={"fields": {...}}``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, tz=UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname, "logger": record.name, "msg": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            line.update(fields)
+        if record.exc_info:
+            line["exc"] = redact(self.formatException(record.exc_info))
+        return orjson.dumps(line, default=str).decode()
+
+
+def setup_logging(level: str, json_lines: bool = False) -> None:
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.addFilter(RedactingFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

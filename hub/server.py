@@ -63,9 +63,14 @@ class Handshake:
             return await self._admit(connection, request)
         if url.path == "/ws/health":
             return await self._app.health_response()
-        if url.path == "/metrics":
-            return metrics.metrics_response(self._app)
-        if url.path == "/ws/connection-stats":
+        if url.path in ("/metrics", "/ws/connection-stats"):
+            peer = connection.remote_address[0] if connection.remote_address else ""
+            ip = client_ip(str(peer), request.headers.get("X-Forwarded-For"), self._app.config.server.trusted_proxies)
+            if not self._is_admin(ip, request.headers.get("Authorization", ""), url.query):
+                return error_response(HTTPStatus.FORBIDDEN, "forbidden",
+                                      "admins only (server.admin_ips or an admin token)")
+            if url.path == "/metrics":
+                return metrics.metrics_response(self._app)
             return metrics.connection_stats_response(self._app)
         api = self._app.api
         if api is not None and api.handles(url.path):
@@ -75,6 +80,9 @@ class Handshake:
             reply = await api.handle("GET", url.path, url.query, request.headers, None)
             return json_response(HTTPStatus(reply.status), reply.body)
         return error_response(HTTPStatus.NOT_FOUND, "not_found", "no such endpoint")
+
+    def _is_admin(self, ip: str, authorization: str, query: str) -> bool:
+        return is_admin_request(self._app.config.server.admin_ips, self._guard.verifier, ip, authorization, query)
 
     def _authenticate(self, connection: HubConnection, request: Request, query: str) -> Response | None:
         if request.headers.get("Upgrade", "").lower() != "websocket":
@@ -130,6 +138,18 @@ class Handshake:
             return response
         connection.lease = lease
         return None
+
+
+def is_admin_request(admin_ips: tuple[str, ...], verifier: Any, ip: str, authorization: str, query: str) -> bool:
+    """An allowlisted client IP, or a valid token (header or ?token=) carrying the admin role."""
+    if ip in admin_ips:
+        return True
+    token = authorization[7:].strip() if authorization[:7].lower() == "bearer " else _first(
+        parse_qs(query, max_num_fields=8), "token")
+    try:
+        return bool(token) and "admin" in verifier.verify(token).principal.roles
+    except AuthError:
+        return False
 
 
 def client_ip(peer: str, forwarded_for: str | None, trusted_proxies: tuple[str, ...]) -> str:
