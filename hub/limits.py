@@ -11,7 +11,16 @@ from dataclasses import dataclass
 from hub.config import ServerConfig
 from hub.keys import Keys
 from hub.lua import Scripts
-from hub.ratelimit import ConnectionCaps, Decision, RateLimiter
+from hub.ratelimit import ConnectionCaps, Decision, RateLimiter, gcra_args
+
+
+@dataclass(frozen=True)
+class RateCheck:
+    """One rate_gcra.lua call to make before a publish (key, ARGV, what to do if Redis cannot answer)."""
+
+    key: str
+    args: list[int]
+    fail_open: bool
 
 
 @dataclass(frozen=True)
@@ -65,6 +74,12 @@ class Limits:
             by_key.setdefault(lease.user_key, []).append(lease.member)
         for key, members in by_key.items():
             await self._caps.refresh(key, members, self._lease_ms)
+
+    def message_rate(self, user_id: str) -> RateCheck:
+        """The message-rate check for ``user_id``, for the publisher to run in its pipeline."""
+        cfg = self._config
+        return RateCheck(self._keys.rate(f"user:{user_id}", "msg"),
+                         gcra_args(cfg.message_rate_limit_per_min, cfg.message_burst), cfg.rate_limits_fail_open)
 
     async def message(self, user_id: str) -> Decision:
         cfg = self._config

@@ -194,6 +194,22 @@ class ConnectionCaps:
         return released == 1
 
 
+def gcra_args(rate_per_min: int, burst: int, cost: int = 1) -> list[int]:
+    """ARGV for rate_gcra.lua (for callers that queue the script on a pipeline)."""
+    return [-(-_US_PER_MIN // rate_per_min), burst, cost]
+
+
+def gcra_decision(reply: Any) -> Decision:
+    """A rate_gcra.lua reply as a :class:`Decision` (raises RedisError on a malformed reply)."""
+    allowed, retry_after_ms, remaining = _ints(reply, 3)
+    return Decision(allowed == 1, retry_after_ms, remaining)
+
+
+def fallback(fail_open: bool) -> Decision:
+    """The decision when Redis cannot be asked."""
+    return _fallback(fail_open)
+
+
 def _fallback(fail_open: bool) -> Decision:
     if fail_open:
         return Decision(True, 0, 0)

@@ -18,10 +18,12 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
-from hub.errors import Unavailable
+from hub.errors import RateLimited, Unavailable
 from hub.keys import Keys
+from hub.limits import RateCheck
 from hub.lua import Scripts
 from hub.protocol import StreamId, format_stream_id, parse_stream_id
+from hub.ratelimit import fallback, gcra_decision
 
 log = logging.getLogger("hub.streams")
 
@@ -151,6 +153,7 @@ class _Request:
     keys: list[str]
     args: list[Any]
     future: asyncio.Future[PublishResult]
+    rate: RateCheck | None = None
 
 
 class Publisher:
@@ -170,13 +173,15 @@ class Publisher:
         self._wake = asyncio.Event()
         self.batches = 0  # pipelines sent, for metrics and tests
 
-    def submit(self, room: str, sender_id: str, client_msg_id: str | None,
-               fields: list[bytes | str]) -> asyncio.Future[PublishResult]:
+    def submit(self, room: str, sender_id: str, client_msg_id: str | None, fields: list[bytes | str],
+               rate: RateCheck | None = None) -> asyncio.Future[PublishResult]:
+        """Queue a publish; with ``rate``, the sender's rate limit is checked first in the same batch
+        (a refused message fails with :class:`RateLimited` and is not stored)."""
         keys = [self._keys.stream(room), self._keys.meta(room)]
         if client_msg_id is not None:
             keys.append(self._keys.idempotency(room, sender_id, client_msg_id))
         future: asyncio.Future[PublishResult] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Request(keys, [new_epoch(), self._ttl_s, *fields], future))
+        self._queue.append(_Request(keys, [new_epoch(), self._ttl_s, *fields], future, rate))
         self._wake.set()
         return future
 
@@ -189,7 +194,51 @@ class Publisher:
                 batch, self._queue = self._queue[:self.MAX_BATCH], self._queue[self.MAX_BATCH:]
                 await self._send(batch)
 
+    async def _check_rates(self, batch: list[_Request]) -> list[_Request]:
+        """Run the batch's rate checks in one pipeline (in submission order, so GCRA stays exact);
+        fail the refused requests, return the rest."""
+        rated = [req for req in batch if req.rate is not None]
+        if not rated:
+            return batch
+        scripts = self._streams.scripts
+        results: list[Any] | None = None
+        for _attempt in (1, 2):
+            pipe = self._streams.redis.pipeline(transaction=False)
+            for req in rated:
+                assert req.rate is not None
+                scripts.call_in(pipe, "rate_gcra", [req.rate.key], req.rate.args)
+            try:
+                results = await pipe.execute(raise_on_error=False)
+            except RedisError:
+                results = None
+                break
+            if not any(isinstance(r, NoScriptError) for r in results):
+                break
+            try:
+                await scripts.load()
+            except RedisError:
+                results = None
+                break
+        refused: set[int] = set()
+        for index, req in enumerate(rated):
+            assert req.rate is not None
+            reply = results[index] if results is not None else None
+            try:
+                decision = fallback(req.rate.fail_open) if reply is None or isinstance(reply, Exception) \
+                    else gcra_decision(reply)
+            except RedisError:
+                decision = fallback(req.rate.fail_open)
+            if not decision.allowed:
+                refused.add(id(req))
+                if not req.future.done():
+                    req.future.set_exception(RateLimited("too many messages; nothing was stored",
+                                                         decision.retry_after_ms))
+        return [req for req in batch if id(req) not in refused]
+
     async def _send(self, batch: list[_Request]) -> None:
+        batch = await self._check_rates(batch)
+        if not batch:
+            return
         scripts = self._streams.scripts
         for attempt in (1, 2):
             pipe = self._streams.redis.pipeline(transaction=False)

@@ -24,9 +24,10 @@ async def test_sigterm_with_200_clients_sends_reconnect_to_all_and_loses_no_acke
     code 4001, and every acknowledged message is in the room's stream."""
     hub = await hub_processes()
     members: list[Client] = []
-    for start in range(0, 200, 20):  # in waves, so a loaded machine does not hit connect timeouts
-        members += await asyncio.gather(*(connect(hub.url, str(1000 + i)) for i in range(start, start + 20)))
-    await asyncio.gather(*(m.join(ROOM) for m in members))
+    for start in range(0, 200, 20):  # in waves, so a loaded machine does not hit connect/join timeouts
+        wave = await asyncio.gather(*(connect(hub.url, str(1000 + i)) for i in range(start, start + 20)))
+        await asyncio.gather(*(m.join(ROOM) for m in wave))
+        members += wave
     senders = members[:5]
     acked: list[str] = []
     stop_sending = asyncio.Event()
