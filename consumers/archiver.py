@@ -32,6 +32,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError, ResponseError
 
+from consumers.pg_retry import until_written
 from consumers.rows import COLUMNS, Poison, Row, entry_to_row
 from consumers.schema import ensure_partition, month_start
 from hub.config import ArchiverConfig, PostgresConfig
@@ -42,9 +43,6 @@ from hub.tasks import cancel_and_wait
 log = logging.getLogger("consumers.archiver")
 
 GROUP = "archiver"
-# Errors that mean "PostgreSQL is not there right now": retry the same batch later.
-_CONNECTION_ERRORS = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
-                      asyncpg.CannotConnectNowError, asyncio.TimeoutError)
 
 
 def default_consumer_name() -> str:
@@ -336,21 +334,15 @@ class Archiver:
 
     async def _store(self, batch: Pending) -> None:
         """Write ``batch`` (retrying while PostgreSQL is away), then acknowledge it."""
-        delay = 0.05
-        while True:
-            try:
-                await self._write(batch, batch.rows)
-                break
-            except _CONNECTION_ERRORS as exc:
-                self.stats.retries += 1
-                log.warning("PostgreSQL unavailable (%s); retrying in %.2fs", type(exc).__name__, delay)
-                await self._drop_connection()
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self._config.max_retry_delay_s)
+        await until_written(lambda: self._write(batch, batch.rows), self._drop_connection,
+                            self._config.max_retry_delay_s, self._count_retry)
         if self._config.crash_after_commit:
             log.error("crash_after_commit: exiting between commit and XACK (test fault injection)")
             os._exit(137)
         await self._acknowledge(batch)
+
+    def _count_retry(self) -> None:
+        self.stats.retries += 1
 
     async def _write(self, batch: Pending, rows: list[tuple[str, bytes, Row]]) -> None:
         """Store ``rows``; a row PostgreSQL refuses is isolated by bisection and dead-lettered."""

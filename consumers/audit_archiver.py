@@ -13,7 +13,6 @@ Guarantees:
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from consumers.archiver import default_consumer_name
+from consumers.pg_retry import until_written
 from hub.config import ArchiverConfig, PostgresConfig
 from hub.keys import Keys
 
@@ -33,8 +33,6 @@ log = logging.getLogger("consumers.audit_archiver")
 
 GROUP = "audit-archiver"
 _COLUMNS = ("event", "who", "ip", "what", "node")
-_CONNECTION_ERRORS = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
-                      asyncpg.CannotConnectNowError, asyncio.TimeoutError)
 # How long a read waits for new entries when the stream is idle (long-running mode).
 _BLOCK_MS = 1000
 
@@ -143,19 +141,13 @@ class AuditArchiver:
             return
         # An entry trimmed away while pending has no fields left: there is nothing to store.
         rows = [entry_to_audit_row(eid, fields) for eid, fields in entries if fields is not None]
-        delay = 0.05
-        while True:
-            try:
-                await self._insert(rows)
-                break
-            except _CONNECTION_ERRORS as exc:
-                self.stats.retries += 1
-                log.warning("PostgreSQL unavailable (%s); retrying in %.2fs", type(exc).__name__, delay)
-                await self._drop_connection()
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self._config.max_retry_delay_s)
+        await until_written(lambda: self._insert(rows), self._drop_connection, self._config.max_retry_delay_s,
+                            self._count_retry)
         await self._redis.xack(self._keys.audit(), GROUP, *[eid for eid, _ in entries])
         self.stats.entries_acked += len(entries)
+
+    def _count_retry(self) -> None:
+        self.stats.retries += 1
 
     async def _insert(self, rows: list[AuditRow]) -> None:
         if not rows:

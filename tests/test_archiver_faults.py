@@ -22,7 +22,7 @@ from consumers.archiver import GROUP, Archiver
 from hub.config import ArchiverConfig, PostgresConfig
 from hub.keys import Keys
 from tests.conftest import PG_URL, ROOT, free_port, hub_env
-from tests.pg_cluster import PgCluster, find_bin_dir
+from tests.pg_cluster import PgCluster, find_bin_dir, private_cluster
 
 BATCH_MAX_ROWS = ArchiverConfig().batch_max_rows
 
@@ -221,12 +221,8 @@ async def cancel_and_wait(task: asyncio.Future[Any], timeout_s: float = 10.0) ->
 @pytest.fixture
 async def private_pg() -> AsyncIterator[PgCluster]:
     """A private PostgreSQL cluster this test may stop and start; destroyed afterwards."""
-    cluster = PgCluster()
-    try:
-        await cluster.astart()
+    async with private_cluster() as cluster:
         yield cluster
-    finally:
-        await cluster.adestroy()
 
 
 @pytest.fixture
