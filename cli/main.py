@@ -531,6 +531,7 @@ def archiver(ctx: click.Context, burst: bool, name: str | None) -> None:
 
         from consumers.archiver import Archiver
         from consumers.audit_archiver import AuditArchiver
+        from consumers.scheduler import Scheduler
         from consumers.schema import is_current
         from hub.keys import Keys
         from hub.tasks import cancel_and_wait
@@ -555,6 +556,10 @@ def archiver(ctx: click.Context, burst: bool, name: str | None) -> None:
             print(f"archiver {worker.consumer} ready", flush=True)
             tasks = [asyncio.ensure_future(worker.run(burst=burst)),
                      asyncio.ensure_future(audit_worker.run(burst=burst))]
+            if not burst:
+                scheduler = Scheduler(redis, Keys(config.redis.key_prefix, db), lambda: _pg_connect(config),
+                                      config.archiver.retention_months, worker.consumer)
+                tasks.append(asyncio.ensure_future(scheduler.run(config.archiver.maintenance_interval_s)))
             stopper = asyncio.ensure_future(stop.wait())
             # Until stopped, or (burst) until both are drained, or until one of them fails.
             waiting: set[asyncio.Future[Any]] = {stopper, *tasks}
@@ -584,6 +589,39 @@ register_ops(cli)
 from cli.maintenance import register_maintenance  # noqa: E402
 
 register_maintenance(cli)
+
+
+@cli.command()
+@click.option("--days", type=click.IntRange(1, 366), default=7, show_default=True, help="Period, ending now.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def report(ctx: click.Context, days: int, as_json: bool) -> None:
+    """Usage report from the archive: messages, senders and rooms by room type, the busiest rooms.
+    (The weekly one is also produced by the archivers' maintenance and kept in Redis.)"""
+    from datetime import UTC, datetime, timedelta
+
+    from consumers.scheduler import usage
+
+    config = _config(ctx, require_auth=False)
+
+    async def run() -> dict[str, Any]:
+        conn = await _pg_connect(config)
+        try:
+            now = datetime.now(UTC)
+            return await usage(conn, now - timedelta(days=days), now)
+        finally:
+            await conn.close()
+
+    result = _run_pg(run())
+    if as_json:
+        click.echo(orjson.dumps(result).decode())
+        return
+    click.echo(f"usage {result['from'][:16]} .. {result['to'][:16]}: {result['messages']} messages, "
+               f"{result['active_senders']} active senders")
+    for kind, row in result["by_room_type"].items():
+        click.echo(f"  {kind:10} {row['messages']:>9} messages {row['senders']:>7} senders {row['rooms']:>7} rooms")
+    for row in result["busiest_rooms"]:
+        click.echo(f"  busiest: {row['room']} ({row['messages']})")
 
 
 def main() -> None:

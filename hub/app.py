@@ -230,6 +230,8 @@ class App:
         try:
             await session.run()
         finally:
+            code = connection.close_code or 0
+            self.node.metrics.disconnects[code] = self.node.metrics.disconnects.get(code, 0) + 1
             conn_log.info("connection closed", extra={"fields": {
                 "event": "close", "connection_id": session.id, "user_id": session.user_id,
                 "ip": connection.client_ip, "client_type": connection.client_type,
@@ -261,6 +263,9 @@ class App:
         while True:
             await asyncio.sleep(self.config.relay.node_heartbeat_s)
             try:
+                started = time.perf_counter()
+                await self.redis.ping() if self.redis is not None else None
+                self.node.metrics.redis_rtt_ms = (time.perf_counter() - started) * 1000
                 await self._heartbeat_once()
                 await self.node.limits.refresh(
                     s.connection.lease for s in self.node.registry.sessions if s.connection.lease is not None)

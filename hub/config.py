@@ -121,6 +121,10 @@ class ArchiverConfig:
     # Consumer name in the archiver group; stable across restarts so a restarted archiver re-reads
     # what it had in flight. Empty: derived from the host name.
     name: str = ""
+    # Message partitions (months) older than this are dropped by the monthly maintenance; 0 keeps all.
+    retention_months: int = 0
+    # How often archivers check for due maintenance (daily rollup, weekly report, monthly retention).
+    maintenance_interval_s: float = 60.0
     # Test-only fault injection: exit abruptly after the first commit, before XACK.
     crash_after_commit: bool = False
 
@@ -263,7 +267,8 @@ class Config:
         for name in ("batch_max_rows", "batch_max_bytes", "batch_max_age_ms", "read_count", "claim_idle_ms",
                      "max_entry_bytes", "hot_window_s"):
             _check(getattr(self.archiver, name) > 0, f"archiver.{name}", "must be positive")
-        for name in ("sweep_interval_s", "trim_interval_s", "max_retry_delay_s"):
+        _check(self.archiver.retention_months >= 0, "archiver.retention_months", "must not be negative")
+        for name in ("sweep_interval_s", "trim_interval_s", "max_retry_delay_s", "maintenance_interval_s"):
             _check(getattr(self.archiver, name) > 0, f"archiver.{name}", "must be positive")
         from hub.crypto import SensitivityPolicy, load_keyring
 

@@ -65,6 +65,14 @@ class Keys:
         """Sorted set of reminders a node is delivering, by lease end (ms)."""
         return f"{self.prefix}{{reminders}}:claimed"
 
+    def maintenance(self, job: str, period: str) -> str:
+        """Lock: the one process that runs ``job`` for ``period`` holds it."""
+        return f"{self.prefix}maint:{job}:{period}"
+
+    def maintenance_result(self, job: str, period: str) -> str:
+        """What ``job`` produced for ``period`` (JSON), e.g. the weekly usage report."""
+        return f"{self.prefix}maint:{job}:{period}:result"
+
     # --- limits (one hash tag per subject, so each key is its own Cluster slot) --------------
     def rate(self, subject: str, what: str) -> str:
         """GCRA state for ``what`` (msg, typing, connect) of ``subject`` ("user:ID" or "ip:ADDR")."""

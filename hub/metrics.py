@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from websockets.datastructures import Headers
 from websockets.http11 import Response
@@ -98,6 +98,33 @@ class NodeCollector(Collector):
                                   value=relay.undeliverable_entries)
         yield CounterMetricFamily("streamhub_publish_batches", "Publish pipelines sent to Redis.",
                                   value=node.publisher.batches)
+        disconnects = CounterMetricFamily("streamhub_disconnects", "Connections closed, by close code (0: none).",
+                                          labels=["code"])
+        for close_code, count in sorted(dict(metrics.disconnects).items()):
+            disconnects.add_metric([str(close_code)], count)
+        yield disconnects
+        published = CounterMetricFamily("streamhub_messages_in", "Chat messages stored from this node's clients, "
+                                        "by room type.", labels=["room_type"])
+        for kind, count in sorted(dict(metrics.published_by_kind).items()):
+            published.add_metric([kind], count)
+        yield published
+        delivered = CounterMetricFamily("streamhub_messages_out", "Frames handed to this node's connections, "
+                                        "by room type.", labels=["room_type"])
+        for kind, count in sorted(dict(metrics.delivered_by_kind).items()):
+            delivered.add_metric([kind], count)
+        yield delivered
+        cumulative, buckets = 0, []
+        for bound, count in zip(metrics.latency_buckets_ms, metrics.latency_counts, strict=False):
+            cumulative += count
+            buckets.append((str(bound / 1000), cumulative))
+        buckets.append(("+Inf", cumulative + metrics.latency_counts[-1]))
+        yield HistogramMetricFamily("streamhub_delivery_latency_seconds",
+                                    "Time from a stream entry's id (its XADD) to its fan-out on this node.",
+                                    buckets=buckets, sum_value=metrics.latency_sum_ms / 1000)
+        yield GaugeMetricFamily("streamhub_redis_rtt_seconds", "Round trip of the last heartbeat PING.",
+                                value=metrics.redis_rtt_ms / 1000)
+        yield GaugeMetricFamily("streamhub_relay_rooms_waiting", "Rooms woken but not read yet (backlog).",
+                                value=relay.rooms_waiting)
 
 
 def registry_of(app: App) -> CollectorRegistry:

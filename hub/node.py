@@ -69,11 +69,30 @@ class CatchUp:
 
 @dataclass
 class Metrics:
+    """Plain counters on the hot paths (a dict increment each); /metrics reads them at scrape time."""
+
     connections_opened: int = 0
     frames_received: int = 0
     client_errors: dict[str, int] = field(default_factory=dict)
     messages_published: int = 0
     slow_disconnects: int = 0
+    disconnects: dict[int, int] = field(default_factory=dict)  # by close code (0: none received)
+    published_by_kind: dict[str, int] = field(default_factory=dict)  # messages in, by room type
+    delivered_by_kind: dict[str, int] = field(default_factory=dict)  # frames out, by room type
+    # Delivery latency (stream id time -> handed to sockets), once per entry: bucket upper bounds (ms).
+    latency_buckets_ms: tuple[float, ...] = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 5000)
+    latency_counts: list[int] = field(default_factory=lambda: [0] * 12)  # one per bucket + the overflow
+    latency_sum_ms: float = 0.0
+    redis_rtt_ms: float = 0.0  # the last heartbeat's PING
+
+    def observe_latency(self, ms: float) -> None:
+        for index, bound in enumerate(self.latency_buckets_ms):
+            if ms <= bound:
+                self.latency_counts[index] += 1
+                break
+        else:
+            self.latency_counts[-1] += 1
+        self.latency_sum_ms += ms
 
 
 class Node:
@@ -96,6 +115,7 @@ class Node:
         self.receipts = Receipts(streams.scripts, keys, pool)
         self.rules = AccessRules(config.rooms.admin_all_rooms, config.rooms.channel_publish_roles)
         self.metrics = Metrics()
+        self.relay.metrics = self.metrics
         self.started_at = time.time()
 
     # ------------------------------------------------------------------ sessions
@@ -440,12 +460,16 @@ class Node:
             if exc is not None:
                 err = exc if isinstance(exc, ClientError) else Unavailable("publish failed")
                 err.request_type, err.request_id = "chat_message", request_id
+                self._count_error(err)
                 session.note_refusal(err, room.name)  # audits rate-limit hits
                 extra = {"client_msg_id": msg.client_msg_id} if msg.client_msg_id is not None else {}
                 session.send_error(err, room=room.name, **extra)
                 return
             result = fut.result()
-            self.metrics.messages_published += 0 if result.duplicate else 1
+            if not result.duplicate:
+                self.metrics.messages_published += 1
+                kind = room.kind.value
+                self.metrics.published_by_kind[kind] = self.metrics.published_by_kind.get(kind, 0) + 1
             ack: dict[str, Any] = {"type": "ack", "room": room.name, "id": result.id}
             if msg.client_msg_id is not None:
                 ack["client_msg_id"] = msg.client_msg_id

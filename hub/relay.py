@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -47,6 +48,8 @@ class Relay:
         self._on_acl_change = on_acl_change
         # Opens sealed content before fan-out (members receive plaintext).
         self._opener = opener
+        # The node's counters (delivery by room type, latency); set by the node.
+        self.metrics: Any = None
         self._inbox = Inbox(streams.scripts, keys)
         # Rooms whose group exists and whose notifications we receive.
         self.active: set[str] = set()
@@ -160,6 +163,11 @@ class Relay:
             log.warning("could not remove this node's groups: %s", type(exc).__name__)
 
     # ------------------------------------------------------------------ wake-ups
+
+    @property
+    def rooms_waiting(self) -> int:
+        """Rooms woken but not read yet."""
+        return len(self._dirty)
 
     def wake(self, room: str) -> None:
         self._dirty.add(room)
@@ -277,6 +285,12 @@ class Relay:
                     deliveries.append(delivery)
             queued = self._registry.deliver(name, deliveries)
             self.entries_delivered += len(deliveries)
+            if self.metrics is not None and deliveries:
+                kind = name.split("_", 1)[0].split(":", 1)[0]
+                self.metrics.delivered_by_kind[kind] = self.metrics.delivered_by_kind.get(kind, 0) + queued
+                now_ms = time.time() * 1000
+                for delivery in deliveries:
+                    self.metrics.observe_latency(max(0.0, now_ms - delivery.entry_id[0]))
             if queued and name.startswith(INBOX_PREFIX):
                 delivered_marks.append((name, deliveries[-1].entry_id))
             acks.xack(key, self._group, *[entry_id for entry_id, _ in entries])

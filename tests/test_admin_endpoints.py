@@ -6,7 +6,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import NodeFactory
-from tests.helpers import mint
+from tests.helpers import mint, wait_until
 
 
 @pytest.mark.parametrize("path", ["/metrics", "/ws/connection-stats"])
@@ -32,3 +32,32 @@ async def test_loopback_is_allowlisted_by_default(nodes: NodeFactory) -> None:
     node = await nodes.start()
     async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{node.port}/metrics") as r:
         assert r.status == 200 and "streamhub_connections" in await r.text()
+
+
+async def test_metrics_count_traffic_by_room_type_latency_and_disconnects(nodes: NodeFactory) -> None:
+    """After a chat round trip and a disconnect, /metrics has messages in/out by room type, a delivery
+    latency histogram with the entries, a Redis round trip and disconnects by close code."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.conftest import url_of
+    from tests.helpers import connect
+
+    node = await nodes.start(**{"relay.node_heartbeat_s": 0.2, "relay.node_ttl_s": 2})
+    sender, reader = await connect(url_of(node), "1"), await connect(url_of(node), "2")
+    for client in (sender, reader):
+        await client.join("channel_m")
+    for i in range(3):
+        await sender.say("channel_m", f"m{i}")
+        await reader.expect("chat_message")
+    await sender.close()
+    assert node.node is not None
+    metrics = node.node.metrics
+    await wait_until(lambda: metrics.disconnects.get(1000) == 1 and metrics.redis_rtt_ms > 0, what="counters")
+    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{node.port}/metrics") as r:
+        families = {f.name: f for f in text_string_to_metric_families(await r.text())}
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    assert samples[("streamhub_messages_in_total", (("room_type", "channel"),))] == 3
+    assert samples[("streamhub_messages_out_total", (("room_type", "channel"),))] == 6  # both members
+    assert samples[("streamhub_delivery_latency_seconds_count", ())] >= 3
+    assert samples[("streamhub_disconnects_total", (("code", "1000"),))] == 1
+    assert samples[("streamhub_redis_rtt_seconds", ())] > 0
