@@ -16,10 +16,12 @@ import orjson
 
 from consumers.maintenance import (
     Plan,
+    purge_dead_nodes,
     purge_older_than,
     purge_room,
     replay_archive,
     replay_dead_letters,
+    replay_deliver,
     replay_restore,
 )
 from hub.protocol import StreamId, parse_stream_id
@@ -126,6 +128,16 @@ def purge_room_cmd(ctx: click.Context, room: str, yes: bool, as_json: bool) -> N
     _report(plan, as_json, "dry run: nothing removed (add --yes)")
 
 
+@purge.command("dead-nodes")
+@click.option("--yes", is_flag=True, help="Really remove (otherwise: show what would go).")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def purge_dead_nodes_cmd(ctx: click.Context, yes: bool, as_json: bool) -> None:
+    """Remove the consumer groups and stale presence of nodes whose registration expired."""
+    plan = _run(ctx, lambda r, k, pg: purge_dead_nodes(r, k, apply=yes), postgres=False)
+    _report(plan, as_json, "dry run: nothing removed (add --yes)")
+
+
 @purge.command("older-than")
 @click.option("--type", "kind", type=click.Choice(ROOM_KINDS), required=True, help="Room type.")
 @click.option("--days", type=click.IntRange(min=1), required=True, help="Retention in days.")
@@ -174,6 +186,21 @@ def replay_restore_cmd(ctx: click.Context, room: str, first: str | None, last: s
     name, low, high = _room(room), _ids(first, "--from"), _ids(last, "--to")
     plan = _run(ctx, lambda r, k, pg: replay_restore(r, k, pg, name, low, high, apply=not dry_run))
     _report(plan, as_json, "dry run: nothing written")
+
+
+@replay.command("deliver")
+@click.argument("room")
+@click.option("--from", "first", default=None, help="First stream id (default: the stream's start).")
+@click.option("--to", "last", default=None, help="Last stream id (default: the stream's end).")
+@click.option("--dry-run", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def replay_deliver_cmd(ctx: click.Context, room: str, first: str | None, last: str | None, dry_run: bool,
+                       as_json: bool) -> None:
+    """Send a range of ROOM's stream to its live members again (frames marked replayed: true)."""
+    name, low, high = _room(room), _ids(first, "--from"), _ids(last, "--to")
+    plan = _run(ctx, lambda r, k, pg: replay_deliver(r, k, name, low, high, apply=not dry_run), postgres=False)
+    _report(plan, as_json, "dry run: nothing sent")
 
 
 @replay.command("dlq")

@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+import orjson
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
@@ -193,6 +194,51 @@ async def replay_restore(redis: Redis, keys: Keys, pg: asyncpg.Connection, room:
         pipe.xadd(stream, _fields(row), id=format_stream_id((row["stream_ms"], row["stream_seq"])))
     await pipe.execute()
     plan.applied = True
+    return plan
+
+
+async def purge_dead_nodes(redis: Redis, keys: Keys, *, apply: bool) -> Plan:
+    """Nodes whose registration expired: their consumer groups and their connections' presence (what
+    every live node's reaper does each heartbeat; for when no node runs)."""
+    from hub.lua import Scripts
+    from hub.presence import Presence
+
+    plan = Plan("purge-dead-nodes")
+    members: Any = await redis.smembers(keys.nodes())
+    node_ids = sorted(_text(m) or "" for m in members)
+    alive = [await redis.exists(keys.node(n)) for n in node_ids]
+    dead = [n for n, a in zip(node_ids, alive, strict=True) if not a]
+    plan.details["dead_nodes"] = dead
+    for node in dead:
+        plan.redis_entries += int(await redis.scard(keys.node_rooms(node)))
+        plan.redis_entries += int(await redis.scard(keys.node_presence(node)))
+    if apply and dead:
+        scripts = Scripts(redis)
+        await scripts.load()
+        await Presence(scripts, keys, node_id="hubctl").reap_dead_nodes()
+        plan.applied = True
+    return plan
+
+
+async def replay_deliver(redis: Redis, keys: Keys, room: str, first: StreamId | None, last: StreamId | None, *,
+                         apply: bool) -> Plan:
+    """Send a range of the room's stream to its live members again, on the room's event channel, each
+    frame marked ``replayed: true`` (ids unchanged, so clients drop what they already have; nothing is
+    written to the stream or the archive)."""
+    from hub.protocol import entry_to_frame
+
+    plan = Plan("replay-deliver", room)
+    entries: Any = await redis.xrange(keys.stream(room), min=_bound(first, "-"), max=_bound(last, "+"),
+                                      count=100_000)
+    frames = [f for f in (entry_to_frame(room, eid, fields or {}) for eid, fields in entries) if f is not None]
+    plan.redis_entries = len(frames)
+    if apply and frames:
+        pipe = redis.pipeline(transaction=False)
+        for _sid, frame, _chat in frames:
+            pipe.publish(keys.events_channel(room), orjson.dumps(frame | {"replayed": True}))
+        receivers = await pipe.execute()
+        plan.details["nodes_reached"] = max(receivers) if receivers else 0
+        plan.applied = True
     return plan
 
 

@@ -130,3 +130,56 @@ async def test_replay_dlq_reinjects_dead_letters_once(
     assert len(entries) == 2 and entries[-1][1][b"type"] == b"mystery_event"
     again = await hubctl(prefix, pg_schema, "replay", "dlq", "--all", "--json")
     assert plan_of(again)["redis_entries"] == 0
+
+
+async def test_purge_dead_nodes_removes_their_groups_and_presence(
+        redis_client: Redis, prefix: str, pg_schema: str) -> None:
+    """A registered node whose heartbeat key is gone: purge dead-nodes plans, then removes its group
+    and its presence entry (members would see it offline)."""
+    keys = Keys(prefix)
+    stream = keys.stream("channel_dn")
+    await redis_client.xadd(stream, {"content": "x"})
+    await redis_client.xgroup_create(stream, "ghost-1-abc", id="$")
+    await redis_client.sadd(keys.nodes(), "ghost-1-abc")
+    await redis_client.sadd(keys.node_rooms("ghost-1-abc"), "channel_dn")
+    await redis_client.hset(keys.room_presence("channel_dn"), "7", "ghost-1-abc-1=o")
+    await redis_client.sadd(keys.node_presence("ghost-1-abc"), "channel_dn 7 ghost-1-abc-1")
+    dry = await hubctl(prefix, pg_schema, "purge", "dead-nodes", "--json")
+    assert plan_of(dry)["details"]["dead_nodes"] == ["ghost-1-abc"] and not plan_of(dry)["applied"]
+    assert len(await redis_client.xinfo_groups(stream)) == 1
+    done = await hubctl(prefix, pg_schema, "purge", "dead-nodes", "--yes", "--json")
+    assert done.exit_code == 0 and plan_of(done)["applied"]
+    assert await redis_client.xinfo_groups(stream) == []
+    assert not await redis_client.hexists(keys.room_presence("channel_dn"), "7")
+    assert not await redis_client.sismember(keys.nodes(), "ghost-1-abc")
+
+
+async def test_replay_deliver_sends_a_range_again_to_live_members(
+        nodes: Any, redis_client: Redis, prefix: str, pg_schema: str) -> None:
+    """replay deliver re-sends a range to the room's live members marked replayed, without writing."""
+    from tests.conftest import url_of
+    from tests.helpers import connect
+
+    node = await nodes.start()
+    member = await connect(url_of(node), "1")
+    await member.join("channel_rd")
+    ids = await fill(redis_client, prefix, "channel_rd", 3)
+    for _ in ids:
+        await member.expect("chat_message")
+    done = await hubctl(prefix, pg_schema, "replay", "deliver", "channel_rd", "--from", ids[1], "--json")
+    assert done.exit_code == 0 and plan_of(done)["redis_entries"] == 2
+    again = [await member.expect("chat_message", replayed=True) for _ in range(2)]
+    assert [m["id"] for m in again] == ids[1:]
+    assert await redis_client.xlen(Keys(prefix).stream("channel_rd")) == 3
+
+
+async def test_migrate_and_remind_commands(redis_client: Redis, prefix: str, pg_schema: str) -> None:
+    """hubctl migrate is a no-op on a current schema; hubctl remind schedules a reminder (and refuses
+    a time without a zone)."""
+    current = await hubctl(prefix, pg_schema, "migrate")
+    assert current.exit_code == 0 and "schema is current" in current.output
+    scheduled = await hubctl(prefix, pg_schema, "remind", "quote_4", "--text", "expires soon", "--in", "60")
+    assert scheduled.exit_code == 0 and "reminder" in scheduled.output
+    assert await redis_client.zcard(Keys(prefix).reminders_due()) == 1
+    naive = await hubctl(prefix, pg_schema, "remind", "quote_4", "--text", "x", "--at", "2030-01-01T00:00:00")
+    assert naive.exit_code != 0 and "time zone" in naive.output
