@@ -254,6 +254,12 @@ def _print_stats(console: Any, s: ClusterStats) -> None:
         dead.add_row(d.consumer, str(d.entries), _duration(d.oldest_age_s))
     _section(console, "Dead letters", dead)
 
+    archivers = _table("archiver", "group", "batches#", "rows", "last batch#", "last batch ms#", "retries#", "age")
+    for c in s.consumers:
+        archivers.add_row(c.consumer, c.group, str(c.batches), str(c.rows_written), str(c.last_batch_entries),
+                          f"{c.last_batch_ms:.1f}", str(c.retries), _duration(c.seen_ms_ago / 1000))
+    _section(console, "Archivers", archivers)
+
     pg = s.postgres
     if pg is None:
         console.print("PostgreSQL: not queried", style="bold")

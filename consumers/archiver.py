@@ -333,13 +333,27 @@ class Archiver:
             await inflight
 
     async def _store(self, batch: Pending) -> None:
-        """Write ``batch`` (retrying while PostgreSQL is away), then acknowledge it."""
+        """Write ``batch`` (retrying while PostgreSQL is away), then acknowledge it, then publish this
+        archiver's batch statistics (for hubctl stats)."""
+        started = time.monotonic()
         await until_written(lambda: self._write(batch, batch.rows), self._drop_connection,
                             self._config.max_retry_delay_s, self._count_retry)
         if self._config.crash_after_commit:
             log.error("crash_after_commit: exiting between commit and XACK (test fault injection)")
             os._exit(137)
+        size = len(batch)
         await self._acknowledge(batch)
+        try:
+            key = self._keys.consumer_stats(self.consumer)
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.hset(key, mapping={
+                "group": GROUP, "batches": self.stats.batches, "rows_written": self.stats.rows_written,
+                "dead_lettered": self.stats.dead_lettered, "retries": self.stats.retries, "last_batch_entries": size,
+                "last_batch_ms": round((time.monotonic() - started) * 1000, 1), "at_ms": int(time.time() * 1000)})
+            pipe.expire(key, 300)
+            await pipe.execute()
+        except RedisError:
+            pass  # statistics only: the next batch publishes them again
 
     def _count_retry(self) -> None:
         self.stats.retries += 1

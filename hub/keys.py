@@ -104,6 +104,10 @@ class Keys:
         """Stream of entries ``consumer`` could not process, with the reason."""
         return f"{self.prefix}dlq:{consumer}"
 
+    def consumer_stats(self, consumer: str) -> str:
+        """Hash an archiver refreshes after each batch (batches, rows, last batch size and time); expires."""
+        return f"{self.prefix}consumer:{consumer}:stats"
+
     def keyspace_stream_pattern(self) -> str:
         """PSUBSCRIBE pattern for every room stream's keyspace channel (the archiver wants them all)."""
         return f"__keyspace@{self.db}__:{self.prefix}{{*}}:s"

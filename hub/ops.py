@@ -162,6 +162,21 @@ class PostgresStats:
 
 
 @dataclass
+class ConsumerStats:
+    """One archiver's own figures, published after each batch (gone 5 minutes after it stops)."""
+
+    consumer: str
+    group: str
+    batches: int
+    rows_written: int
+    dead_lettered: int
+    retries: int
+    last_batch_entries: int
+    last_batch_ms: float
+    seen_ms_ago: int
+
+
+@dataclass
 class ClusterStats:
     generated_at_ms: int
     redis_version: str
@@ -176,6 +191,7 @@ class ClusterStats:
     volume: VolumeStats
     dead_letters: list[DeadLetterStats]
     postgres: PostgresStats | None
+    consumers: list[ConsumerStats] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -572,7 +588,26 @@ async def collect_stats(redis: Redis, keys: Keys, *, archiver_group: str, pg: An
         volume=volume,
         dead_letters=await dead_letter_stats(redis, keys, now_ms, limits),
         postgres=postgres,
+        consumers=await consumer_stats(redis, keys, now_ms, limits),
     )
+
+
+async def consumer_stats(redis: Redis, keys: Keys, now_ms: int, limits: StatsLimits) -> list[ConsumerStats]:
+    """The archivers' published batch figures."""
+    parse = key_parser(keys.consumer_stats)
+    found = []
+    for key in await scan_keys(redis, keys.consumer_stats("*"), "hash", limits.scan_count):
+        name = parse(key)
+        raw: Any = await redis.hgetall(key)
+        if name is None or not raw:
+            continue
+        values = {_text(k): _text(v) for k, v in raw.items()}
+        found.append(ConsumerStats(
+            name, values.get("group", ""), int(values.get("batches", 0)), int(values.get("rows_written", 0)),
+            int(values.get("dead_lettered", 0)), int(values.get("retries", 0)),
+            int(values.get("last_batch_entries", 0)), float(values.get("last_batch_ms", 0)),
+            max(0, now_ms - int(values.get("at_ms", now_ms)))))
+    return sorted(found, key=lambda c: c.consumer)
 
 
 # ---------------------------------------------------------------------------------------------- checks

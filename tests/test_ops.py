@@ -373,3 +373,19 @@ async def test_connection_stats_endpoint_counts_users_rooms_and_client_types(nod
         }}
     for client in clients:
         await client.close()
+
+
+async def test_stats_show_each_archivers_batch_figures(
+        redis_client: Redis, prefix: str, pg_schema: str) -> None:
+    """After an archiver run, hubctl stats --json lists it with its batches, rows and last batch."""
+    from tests.test_archiver import burst
+
+    for i in range(5):
+        await redis_client.xadd(Keys(prefix).stream("channel_af"), {"content": f"a{i}"})
+    await burst(redis_client, prefix, pg_schema, name="arch-stats")
+    env = {"REDIS_URL": hub_env(prefix)["REDIS_URL"], "DATABASE_URL": PG_URL, "HUB_POSTGRES_SCHEMA": pg_schema,
+           "HUB_REDIS_KEY_PREFIX": prefix}
+    result = await asyncio.to_thread(CliRunner().invoke, cli, ["stats", "--json"], env=env)
+    assert result.exit_code == 0, result.output
+    [archiver] = [c for c in orjson.loads(result.output)["consumers"] if c["consumer"] == "arch-stats"]
+    assert archiver["rows_written"] == 5 and archiver["batches"] == 1 and archiver["last_batch_entries"] == 5
