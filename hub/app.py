@@ -63,7 +63,7 @@ async def connect_redis(url: str) -> Redis:
     return Redis.from_url(url, **options)
 
 
-async def ensure_keyspace_events(redis: Redis, allowed_to_configure: bool) -> bool:
+async def ensure_keyspace_events(redis: Redis, allowed_to_configure: bool, *, report: bool = True) -> bool:
     """Make sure stream and set keyspace notifications are on. Returns False if they are not and
     could not be turned on (the relay then depends on its sweep)."""
     reply: dict[Any, Any] = await redis.config_get("notify-keyspace-events")
@@ -76,14 +76,18 @@ async def ensure_keyspace_events(redis: Redis, allowed_to_configure: bool) -> bo
     if not missing:
         return True
     if not allowed_to_configure:
-        log.error("Redis notify-keyspace-events=%r lacks %s; live delivery falls back to the sweep",
-                  flags, "".join(missing))
+        if report:
+            log.error("Redis notify-keyspace-events=%r lacks %s; live delivery falls back to the sweep",
+                      flags, "".join(missing))
         return False
     try:
         await redis.config_set("notify-keyspace-events", flags + "".join(missing))
     except RedisError as exc:
-        log.error("cannot enable keyspace notifications (%s); live delivery falls back to the sweep", exc)
+        if report:
+            log.error("cannot enable keyspace notifications (%s); live delivery falls back to the sweep", exc)
         return False
+    if not report:
+        log.warning("keyspace notifications were off (Redis restarted?): turned back on")
     return True
 
 
@@ -259,14 +263,18 @@ class App:
     async def _heartbeat(self) -> None:
         """Keep this node's registration alive, and clean up after nodes whose registration expired
         (their connections' presence, their consumer groups)."""
-        assert self.node is not None
+        assert self.node is not None and self.redis is not None
+        redis = self.redis
         while True:
             await asyncio.sleep(self.config.relay.node_heartbeat_s)
             try:
                 started = time.perf_counter()
-                await self.redis.ping() if self.redis is not None else None
+                await redis.ping()
                 self.node.metrics.redis_rtt_ms = (time.perf_counter() - started) * 1000
                 await self._heartbeat_once()
+                # A Redis that restarted forgot CONFIG SET: turn the wake-ups back on (one CONFIG GET;
+                # a refusal was already reported at start).
+                await ensure_keyspace_events(redis, self.config.redis.configure_keyspace_events, report=False)
                 await self.node.limits.refresh(
                     s.connection.lease for s in self.node.registry.sessions if s.connection.lease is not None)
                 await self.node.presence.reap_dead_nodes()

@@ -260,10 +260,12 @@ class Relay:
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
-            # A stream (and its group) vanished: Redis lost data or a purge ran. Recreate the
-            # groups one by one; the next read delivers what the new streams hold.
+            # A stream (and its group) vanished: Redis lost data or a purge ran. Recreate the missing
+            # groups at the new streams' start (the others are untouched), then read all again.
             for room in rooms:
-                await self._streams.create_group(room, self._group)
+                if await self._streams.restore_group(room, self._group):
+                    log.warning("the stream of %s was lost (Redis data loss or purge): reading it anew", room)
+                self.wake(room)
             return
         self.reads += 1
         if not response:

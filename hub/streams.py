@@ -137,6 +137,18 @@ class Streams:
                 raise
             await self.redis.xgroup_setid(stream, group, id="$")
 
+    async def restore_group(self, room: str, group: str) -> bool:
+        """Recreate ``group`` after its stream vanished (Redis lost data, or a purge), at the start of
+        the new stream so everything it holds is delivered. A group that still exists is left as it is.
+        Returns True when it had to be created."""
+        try:
+            await self.redis.xgroup_create(self.keys.stream(room), group, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+            return False
+        return True
+
     async def destroy_group(self, room: str, group: str) -> None:
         await self.redis.xgroup_destroy(self.keys.stream(room), group)
 
