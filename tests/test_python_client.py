@@ -126,7 +126,8 @@ async def test_invalid_token_raises_auth_error_without_reconnect_storm(hub_proce
         events = client.events(["auth_error", "connection_error"])
         with pytest.raises(HubAuthError):
             await client.connect()
-        await asyncio.sleep(0.5)  # time for a storm to show, if there were one
+        # Deliberate sleep: time for a reconnect storm to show, if there were one.
+        await asyncio.sleep(0.5)  # by design; noqa: sleep-ok
         seen = events.drain()
         assert [e["type"] for e in seen] == ["connection_error", "auth_error"]
         assert seen[1]["status"] == 401 and client.state == "closed"

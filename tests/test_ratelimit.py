@@ -64,7 +64,8 @@ async def test_steady_sender_at_the_rate_is_never_refused(prefix: str, redis_cli
     for _ in range(10):
         decisions.append(await limiter.hit(key, 600, 1))
         # Each hit reaches Redis at least 110 ms after the previous one was decided (100 ms needed).
-        await asyncio.sleep(0.11)  # sleep-ok: the pacing is the behaviour under test
+        # Deliberate sleep: the pacing is the behaviour under test.
+        await asyncio.sleep(0.11)  # by design; noqa: sleep-ok
     assert all(d.allowed for d in decisions), decisions
     burst = [await limiter.hit(key, 600, 1), await limiter.hit(key, 600, 1)]
     assert burst[0].allowed and not burst[1].allowed
@@ -81,7 +82,8 @@ async def test_retry_after_is_exact_and_bounded(prefix: str, redis_client: Redis
     refused = await limiter.hit(key, 600, burst)
     assert not refused.allowed
     assert 0 < refused.retry_after_ms <= interval_ms * burst
-    await asyncio.sleep(refused.retry_after_ms / 1000)  # sleep-ok: waiting retry_after_ms is under test
+    # Deliberate sleep: waiting retry_after_ms is under test.
+    await asyncio.sleep(refused.retry_after_ms / 1000)  # by design; noqa: sleep-ok
     assert (await limiter.hit(key, 600, burst)).allowed
 
 
@@ -181,7 +183,8 @@ async def test_killed_node_leases_lapse_and_the_key_admits_again(prefix: str, re
     deadline = started + 3.0
     while not decision.allowed and time.monotonic() < deadline:
         # Bounded polling, paced by the cap's own hint (when the oldest lease lapses).
-        await asyncio.sleep(max(decision.retry_after_ms, 10) / 1000)  # sleep-ok: lease expiry under test
+        # Deliberate sleep: lease expiry under test.
+        await asyncio.sleep(max(decision.retry_after_ms, 10) / 1000)  # by design; noqa: sleep-ok
         decision = await caps.acquire(key, "live:0", 3, 30_000)
     assert decision.allowed
     assert time.monotonic() - started >= 0.25
@@ -200,7 +203,8 @@ async def test_refresh_keeps_leases_alive_past_the_lease(prefix: str, redis_clie
         assert (await caps.acquire(key, member, 3, 300)).allowed
     started = time.monotonic()
     while time.monotonic() - started < 0.9:
-        await asyncio.sleep(0.1)  # sleep-ok: the refresh period is the behaviour under test
+        # Deliberate sleep: the refresh period is the behaviour under test.
+        await asyncio.sleep(0.1)  # by design; noqa: sleep-ok
         assert await caps.refresh(key, members, 300) == []
         assert not (await caps.acquire(key, "n2:0", 3, 300)).allowed
     assert sorted(m.decode() for m in await redis_client.zrange(key, 0, -1)) == members

@@ -44,7 +44,8 @@ async def say_until_acked(client: Client, content: str, timeout_s: float = 20) -
             if frame["type"] == "ack":
                 return frame
             assert frame["code"] == "unavailable", frame
-            await asyncio.sleep(0.1)  # sleep-ok: Redis is restarting; retry like a client would
+            # Deliberate sleep: Redis is restarting; retry like a client would.
+            await asyncio.sleep(0.1)  # by design; noqa: sleep-ok
 
 
 async def _ack_or_error(client: Client) -> dict[str, object]:
