@@ -18,10 +18,11 @@ from typing import Any
 
 import asyncpg
 from aiohttp import web
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
 from websockets.asyncio.server import Server, serve
-from websockets.http11 import Response
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
 from websockets.typing import Origin
 
 from hub import __version__
@@ -51,16 +52,29 @@ conn_log = logging.getLogger("hub.connections")
 REQUIRED_KEYSPACE_FLAGS = "Kgst"
 
 
+# Stands in for every connection's handshake request once the session runs (see App._handle).
+_HANDSHAKE_DONE = Request("/ws/connect", Headers())
+
+
 def make_node_id() -> str:
     host = "".join(c for c in socket.gethostname() if c.isalnum() or c in "-.")[:32] or "node"
     return f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+# Redis connections a node may hold; callers beyond it wait for one (up to REDIS_POOL_WAIT_S) instead of
+# failing: redis-py's default pool (100 since 8.x) raises MaxConnectionsError on the 101st concurrent
+# command, which a burst of joins or publishes reaches at once.
+REDIS_POOL_SIZE = 64
+REDIS_POOL_WAIT_S = 5.0
 
 
 async def connect_redis(url: str) -> Redis:
     options: dict[str, Any] = {"decode_responses": False, "socket_connect_timeout": 5}
     if not url.startswith("unix://"):
         options["socket_keepalive"] = True  # TCP only: redis-py refuses it on Unix sockets
-    return Redis.from_url(url, **options)
+    pool = BlockingConnectionPool.from_url(url, max_connections=REDIS_POOL_SIZE, timeout=REDIS_POOL_WAIT_S,
+                                           **options)
+    return Redis.from_pool(pool)
 
 
 async def ensure_keyspace_events(redis: Redis, allowed_to_configure: bool, *, report: bool = True) -> bool:
@@ -223,6 +237,11 @@ class App:
     async def _handle(self, connection: Any) -> None:
         assert self.node is not None and self.guard is not None and isinstance(connection, HubConnection)
         session = Session(connection, self.node, self.outbox, self.guard)
+        # websockets keeps the handshake's request and response (headers, and the token in the path)
+        # for the connection's lifetime: ~1.7 KB per connection that nothing reads after the upgrade.
+        # It expects a Request object there once the handshake is done, hence a shared placeholder.
+        connection.request = _HANDSHAKE_DONE
+        connection.response = None
         self.node.session_opened(session)
         if self.draining:
             session.close(CloseCode.SERVER_SHUTDOWN, "server shutting down, reconnect",

@@ -4,6 +4,7 @@ All decided in Redis, atomically across nodes; each fails open or closed as conf
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -52,19 +53,23 @@ class Limits:
             return rate, None
         lease = Lease(f"{self._node_id}:{next(self._seq)}", self._keys.connection_leases(f"ip:{ip}"),
                       self._keys.connection_leases(f"user:{user_id}"))
-        by_ip = await self._caps.acquire(lease.ip_key, lease.member, cfg.max_connections_per_ip, self._lease_ms)
+        # Both slots at once (one round trip, shared with concurrent handshakes); a refusal gives back
+        # the slot that was taken.
+        by_ip, by_user = await asyncio.gather(
+            self._caps.acquire(lease.ip_key, lease.member, cfg.max_connections_per_ip, self._lease_ms),
+            self._caps.acquire(lease.user_key, lease.member, cfg.max_connections_per_user, self._lease_ms))
         if not by_ip.allowed:
+            if by_user.allowed:
+                await self._caps.release(lease.user_key, lease.member)
             return by_ip, None
-        by_user = await self._caps.acquire(lease.user_key, lease.member, cfg.max_connections_per_user,
-                                           self._lease_ms)
         if not by_user.allowed:
             await self._caps.release(lease.ip_key, lease.member)
             return by_user, None
         return by_user, lease
 
     async def release(self, lease: Lease) -> None:
-        await self._caps.release(lease.ip_key, lease.member)
-        await self._caps.release(lease.user_key, lease.member)
+        await asyncio.gather(self._caps.release(lease.ip_key, lease.member),
+                             self._caps.release(lease.user_key, lease.member))
 
     async def refresh(self, leases: Iterable[Lease]) -> None:
         """Renew every live connection's slots (called from the node heartbeat)."""
@@ -72,8 +77,9 @@ class Limits:
         for lease in leases:
             by_key.setdefault(lease.ip_key, []).append(lease.member)
             by_key.setdefault(lease.user_key, []).append(lease.member)
-        for key, members in by_key.items():
-            await self._caps.refresh(key, members, self._lease_ms)
+        # One pipelined round trip for all keys (was: one EVALSHA round trip per key, i.e. per
+        # connected user, every heartbeat).
+        await asyncio.gather(*(self._caps.refresh(key, members, self._lease_ms) for key, members in by_key.items()))
 
     def message_rate(self, user_id: str) -> RateCheck:
         """The message-rate check for ``user_id``, for the publisher to run in its pipeline."""

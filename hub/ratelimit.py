@@ -30,13 +30,14 @@ Cluster slot (to be built by :mod:`hub.keys` with the configured prefix):
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from hub.lua import Scripts
 
@@ -97,13 +98,80 @@ def _ints(reply: Any, count: int) -> list[int]:
     return [int(value) for value in reply]
 
 
+class ScriptBatcher:
+    """Sends the calls of one Lua script that many callers make at about the same time in one
+    pipeline: one round trip per batch instead of one per call. One batch is in flight at a time;
+    calls made meanwhile form the next batch, so batches grow with load. Each call is still its own
+    atomic script run, so decisions are exactly those of unbatched calls."""
+
+    MAX_BATCH = 512
+
+    def __init__(self, scripts: Scripts, name: str) -> None:
+        self._scripts = scripts
+        self._name = name
+        self._queue: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
+        self._task: asyncio.Task[None] | None = None
+        self.batches = 0
+
+    def call(self, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append((keys, args, future))
+        if self._task is None:
+            self._task = asyncio.ensure_future(self._drain())
+        return future
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                batch, self._queue = self._queue[:self.MAX_BATCH], self._queue[self.MAX_BATCH:]
+                await self._send(batch)
+        finally:
+            self._task = None
+
+    async def _send(self, batch: list[tuple[list[str], list[Any], asyncio.Future[Any]]]) -> None:
+        for attempt in (1, 2):
+            pipe = self._scripts.redis.pipeline(transaction=False)
+            for keys, args, _future in batch:
+                self._scripts.call_in(pipe, self._name, keys, args)
+            try:
+                results = await pipe.execute(raise_on_error=False)
+            except (RedisError, OSError) as exc:
+                for _keys, _args, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                return
+            self.batches += 1
+            retry = []
+            for item, result in zip(batch, results, strict=True):
+                future = item[2]
+                if future.done():
+                    continue
+                if isinstance(result, NoScriptError) and attempt == 1:
+                    retry.append(item)
+                elif isinstance(result, Exception):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+            if not retry:
+                return
+            try:
+                await self._scripts.load()
+            except (RedisError, OSError) as exc:
+                for _keys, _args, future in retry:
+                    future.set_exception(exc)
+                return
+            batch = retry
+
+
 class RateLimiter:
-    """GCRA rate limits (``rate_gcra.lua``); one instance per fail-open/fail-closed policy, any keys."""
+    """GCRA rate limits (``rate_gcra.lua``); one instance per fail-open/fail-closed policy, any keys.
+    Concurrent decisions (all connections of a node) share pipelined round trips."""
 
     def __init__(self, scripts: Scripts, *, fail_open: bool, name: str = "rate_limiter") -> None:
         self._scripts = scripts
         self._fail_open = fail_open
         self._outage = _Outage(name, fail_open)
+        self._batcher = ScriptBatcher(scripts, "rate_gcra")
 
     async def hit(self, key: str, rate_per_min: int, burst: int, cost: int = 1) -> Decision:
         """Spend ``cost`` cells of ``key`` if they fit, atomically across nodes.
@@ -119,7 +187,7 @@ class RateLimiter:
         # Rounded up: the limiter may be a hair stricter than the rate, never looser.
         interval_us = -(-_US_PER_MIN // rate_per_min)
         try:
-            reply = await self._scripts.call("rate_gcra", [key], [interval_us, burst, cost])
+            reply = await self._batcher.call([key], [interval_us, burst, cost])
             allowed, retry_after_ms, remaining = _ints(reply, 3)
         except (RedisError, OSError) as exc:
             self._outage.failed(exc)
@@ -139,6 +207,10 @@ class ConnectionCaps:
         self._scripts = scripts
         self._fail_open = fail_open
         self._outage = _Outage(name, fail_open)
+        # Concurrent calls (a burst of handshakes, the heartbeat's refresh of every key) share round trips.
+        self._acquire = ScriptBatcher(scripts, "conn_acquire")
+        self._refresh = ScriptBatcher(scripts, "conn_refresh")
+        self._release = ScriptBatcher(scripts, "conn_release")
 
     async def acquire(self, key: str, member: str, limit: int, lease_ms: int) -> Decision:
         """Take a lease for ``member`` (a connection id unique across nodes) if fewer than ``limit``
@@ -150,7 +222,7 @@ class ConnectionCaps:
         if limit < 0 or lease_ms < 1 or not member:
             raise ValueError(f"need limit >= 0, lease_ms >= 1 and a member, got {limit}, {lease_ms}, {member!r}")
         try:
-            reply = await self._scripts.call("conn_acquire", [key], [member, limit, lease_ms])
+            reply = await self._acquire.call([key], [member, limit, lease_ms])
             admitted, count, retry_after_ms = _ints(reply, 3)
         except (RedisError, OSError) as exc:
             self._outage.failed(exc)
@@ -171,7 +243,7 @@ class ConnectionCaps:
         if not members:
             return []
         try:
-            reply = await self._scripts.call("conn_refresh", [key], [lease_ms, *members])
+            reply = await self._refresh.call([key], [lease_ms, *members])
         except (RedisError, OSError) as exc:
             self._outage.failed(exc)
             return []
@@ -185,7 +257,7 @@ class ConnectionCaps:
         ``lease_ms``.
         """
         try:
-            reply = await self._scripts.call("conn_release", [key], [member])
+            reply = await self._release.call([key], [member])
             released, _count = _ints(reply, 2)
         except (RedisError, OSError) as exc:
             self._outage.failed(exc)

@@ -255,8 +255,10 @@ class Relay:
     async def _read(self, rooms: list[str]) -> None:
         streams = {self._keys.stream(room): ">" for room in rooms}
         try:
+            # NOACK: the node's group is only a read cursor (">" reads, never the pending list), so
+            # entries are not kept pending and need no XACK round trip after delivery.
             response = await self._redis.xreadgroup(self._group, self._consumer, streams,  # type: ignore[arg-type]
-                                                    count=self._config.read_count)
+                                                    count=self._config.read_count, noack=True)
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
@@ -270,7 +272,6 @@ class Relay:
         self.reads += 1
         if not response:
             return
-        acks = self._redis.pipeline(transaction=False)
         delivered_marks: list[tuple[str, StreamId]] = []
         for key, entries in _stream_items(response):
             name = self._keys.room_of_key(key.decode() if isinstance(key, bytes) else key)
@@ -295,11 +296,9 @@ class Relay:
                     self.metrics.observe_latency(max(0.0, now_ms - delivery.entry_id[0]))
             if queued and name.startswith(INBOX_PREFIX):
                 delivered_marks.append((name, deliveries[-1].entry_id))
-            acks.xack(key, self._group, *[entry_id for entry_id, _ in entries])
             if len(entries) >= self._config.read_count:
                 self._dirty.add(name)  # more may be waiting
                 self._wake.set()
-        await acks.execute(raise_on_error=False)
         for room, last in delivered_marks:
             # Handed to the user's live connections: an offline replay must not repeat it.
             await self._inbox.mark_delivered(room, last)
