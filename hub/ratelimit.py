@@ -250,6 +250,23 @@ class ConnectionCaps:
         self._outage.recovered()
         return [m.decode() if isinstance(m, bytes) else str(m) for m in reply]
 
+    async def refresh_many(self, leases: Sequence[tuple[str, Sequence[str]]], lease_ms: int) -> list[str]:
+        """:meth:`refresh` for many keys in one pipelined round trip, without a task per key. Returns
+        the members that had lost their lease, over all keys."""
+        if lease_ms < 1:
+            raise ValueError(f"lease_ms must be >= 1, got {lease_ms}")
+        futures = [self._refresh.call([key], [lease_ms, *members]) for key, members in leases if members]
+        lost: list[str] = []
+        for future in futures:
+            try:
+                reply = await future
+            except (RedisError, OSError) as exc:
+                self._outage.failed(exc)
+                continue
+            self._outage.recovered()
+            lost.extend(m.decode() if isinstance(m, bytes) else str(m) for m in reply)
+        return lost
+
     async def release(self, key: str, member: str) -> bool:
         """Give back ``member``'s lease. True when it was held; releasing twice is harmless.
 

@@ -194,6 +194,37 @@ async def test_killed_node_leases_lapse_and_the_key_admits_again(prefix: str, re
     assert await redis_client.zcard(key) == 1
 
 
+async def test_refresh_many_renews_every_key_in_few_round_trips(prefix: str, redis_client: Redis) -> None:
+    """refresh_many renews 600 keys (the heartbeat's per-user lease keys) in pipelined batches, reports
+    only the members that had lost their lease, and keeps the event loop responsive meanwhile."""
+    caps = await caps_on(redis_client)
+    keys = [f"{prefix}cc:{{user:u{i}}}" for i in range(600)]
+    for key in keys:
+        assert (await caps.acquire(key, "n1:0", 5, 30_000)).allowed
+    leases: list[tuple[str, list[str]]] = [(key, ["n1:0"]) for key in keys]
+    leases[7] = (keys[7], ["n1:0", "gone:1"])  # a member that never held a lease here
+    loop = asyncio.get_running_loop()
+    worst = 0.0
+
+    async def probe() -> None:
+        nonlocal worst
+        while True:
+            started = loop.time()
+            await asyncio.sleep(0)
+            worst = max(worst, loop.time() - started)
+
+    watcher = asyncio.ensure_future(probe())
+    try:
+        assert await caps.refresh_many(leases, 60_000) == ["gone:1"]
+    finally:
+        watcher.cancel()
+    for key in keys[:5] + keys[-5:]:
+        assert 55_000 < await redis_client.pttl(key) <= 60_000
+    assert caps._refresh.batches <= 3  # 600 calls, MAX_BATCH 512: two or three pipelines
+    assert worst < 0.5  # no long stall (a task per key used to stall the loop for tens of ms at 5,000 keys)
+    assert await caps.refresh_many([], 60_000) == []
+
+
 async def test_refresh_keeps_leases_alive_past_the_lease(prefix: str, redis_client: Redis) -> None:
     """Members refreshed every 100 ms hold a 300 ms lease for three lease periods; the cap stays full."""
     caps = await caps_on(redis_client)
