@@ -13,13 +13,13 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from consumers.archiver import GROUP, Archiver
+from consumers.archiver import GROUP
 from hub.app import App
-from hub.config import ArchiverConfig, PostgresConfig
 from hub.keys import Keys
 from hub.lua import Scripts
-from tests.conftest import PG_URL, NodeFactory, url_of
+from tests.conftest import NodeFactory, url_of
 from tests.helpers import connect, mint
+from tests.test_archiver import burst
 
 NO_PG_URL = "postgresql://postgres@127.0.0.1:1/test"
 BEYOND_ALL = "99999999999999-0"
@@ -89,18 +89,6 @@ def error_code(body: dict[str, Any]) -> str:
 
 async def start_node(nodes: NodeFactory, schema: str, **overrides: Any) -> App:
     return await nodes.start(**{"postgres.schema": schema, **overrides})
-
-
-async def burst(redis: Redis, prefix: str, schema: str, **config: Any) -> Archiver:
-    """Run an archiver until nothing is pending (as tests/test_archiver.py does)."""
-    archiver = Archiver(redis, Keys(prefix), PostgresConfig(url=PG_URL, schema=schema),
-                        ArchiverConfig(**{"name": "a1", **config}))
-    await archiver.start()
-    try:
-        await asyncio.wait_for(archiver.run(burst=True), 60)
-    finally:
-        await archiver.close()
-    return archiver
 
 
 async def trim(redis: Redis, prefix: str, room: str, floor: str) -> Any:
