@@ -33,6 +33,7 @@ from hub.config import Config
 from hub.embedded import EmbeddedRedis
 from hub.errors import CloseCode, HubError
 from hub.http_api import build_api_app
+from hub.keepalive import Keepalive
 from hub.keys import Keys
 from hub.lua import Scripts
 from hub.node import Node
@@ -146,6 +147,10 @@ class App:
         self.guard = self._token_guard(self.redis, self.node)
         self.api = Api(self.node, self.guard)
         self.outbox = Outbox(asyncio.get_running_loop())
+        node = self.node
+        server_cfg = self.config.server
+        self.keepalive = Keepalive(lambda: node.registry.sessions, server_cfg.ping_interval_s,
+                                   server_cfg.ping_timeout_s, server_cfg.slow_close_grace_s)
         await self._heartbeat_once()
         await self.node.relay.start()
         loop = asyncio.get_running_loop()
@@ -154,9 +159,9 @@ class App:
             loop.create_task(self.node.relay.run(), name="relay"),
             loop.create_task(self._heartbeat(), name="heartbeat"),
             loop.create_task(self._reap_idle(), name="idle-reaper"),
+            loop.create_task(self.keepalive.run(), name="keepalive"),
             loop.create_task(ReminderScheduler(scripts, self.keys, self._publish_reminder).run(), name="reminders"),
         ]
-        server_cfg = self.config.server
         self.server = await serve(
             self._handle,
             server_cfg.host,
@@ -165,8 +170,8 @@ class App:
             create_connection=HubConnection,
             compression="deflate" if server_cfg.compression else None,
             max_size=server_cfg.max_frame_bytes,
-            ping_interval=server_cfg.ping_interval_s,
-            ping_timeout=server_cfg.ping_timeout_s,
+            # No keepalive task per connection: hub/keepalive.py pings quiet connections node-wide.
+            ping_interval=None,
             origins=_origins(server_cfg.allowed_origins),
             server_header=f"streamhub/{__version__}",
             reuse_port=self.reuse_port,

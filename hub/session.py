@@ -49,6 +49,18 @@ class HubConnection(ServerConnection):
     client_type: str = ""
     client_version: str = ""
     device_id: str = ""
+    # For the node-wide keepalive (hub/keepalive.py): when the peer last sent anything, and when we
+    # last pinged it (event-loop time).
+    last_data_at: float = 0.0
+    pinged_at: float = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.last_data_at = self.loop.time()
+
+    def data_received(self, data: bytes) -> None:
+        self.last_data_at = self.loop.time()
+        super().data_received(data)
 
 
 class Outbox:
@@ -106,10 +118,9 @@ class Session:
         self.auto_away = False
         # Publishes in flight; the read loop waits when the client has too many.
         self.inflight = asyncio.Semaphore(node.config.server.max_inflight_publishes)
-        # The token's timers: the token_expiring warning and the close at the deadline. Set once the
+        # The token's timer: the token_expiring warning, then the close at the deadline. Set once the
         # session serves, replaced by a refresh, cancelled on close; None when not (or no longer) due.
-        self._expiry_warning: asyncio.TimerHandle | None = None
-        self._expiry: asyncio.TimerHandle | None = None
+        self._expiry_timer: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------------ outgoing
 
@@ -205,31 +216,33 @@ class Session:
         return self.token.expires_at + self.guard.config.leeway_s
 
     def _schedule_expiry(self) -> None:
+        """One timer per session (a TimerHandle is ~0.5 KB): first the warning, which then sets the
+        close at the deadline."""
         self._cancel_expiry()
         if self.closing:
             return
-        loop = asyncio.get_running_loop()
         left = self.deadline - time.time()
         warning_s = self.guard.config.expiry_warning_s
+        loop = asyncio.get_running_loop()
         if warning_s > 0 and left > 0:
             # A token already inside the warning window is warned about at once.
-            self._expiry_warning = loop.call_later(max(0.0, left - warning_s), self._warn_expiry)
-        self._expiry = loop.call_later(max(0.0, left), self._expire)
+            self._expiry_timer = loop.call_later(max(0.0, left - warning_s), self._warn_expiry)
+        else:
+            self._expiry_timer = loop.call_later(max(0.0, left), self._expire)
 
     def _cancel_expiry(self) -> None:
-        for handle in (self._expiry_warning, self._expiry):
-            if handle is not None:
-                handle.cancel()
-        self._expiry_warning = self._expiry = None
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+            self._expiry_timer = None
 
     def _warn_expiry(self) -> None:
-        self._expiry_warning = None
         left = self.deadline - time.time()
+        self._expiry_timer = asyncio.get_running_loop().call_later(max(0.0, left), self._expire)
         if left > 0:
             self.send({"type": "token_expiring", "expires_at": iso_ms(int(self.deadline * 1000)), "in_s": int(left)})
 
     def _expire(self) -> None:
-        self._expiry = None
+        self._expiry_timer = None
         if self.closing:
             return
         if self.deadline - time.time() > 0.05:  # the wall clock moved back since the timer was set
