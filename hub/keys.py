@@ -112,6 +112,17 @@ class Keys:
         """PSUBSCRIBE pattern for every room stream's keyspace channel (the archiver wants them all)."""
         return f"__keyspace@{self.db}__:{self.prefix}{{*}}:s"
 
+    def inbox_patterns(self) -> tuple[str, str]:
+        """PSUBSCRIBE patterns for every inbox's stream wake-ups and ephemeral events: a node listens
+        to all inboxes with two patterns instead of subscribing per connected user."""
+        prefix = _glob_escape(self.prefix)
+        return (f"__keyspace@{self.db}__:{prefix}{{inbox:*}}:s", f"{prefix}{{inbox:*}}:ev")
+
+    def keyspace_key(self, channel: str) -> str | None:
+        """The key a keyspace channel is about, or None for other channels."""
+        head = f"__keyspace@{self.db}__:"
+        return channel[len(head):] if channel.startswith(head) else None
+
     # --- per node ----------------------------------------------------------------------------
     def node(self, node_id: str) -> str:
         """Hash with the node's facts (version, started_at, connections); expires unless refreshed."""
@@ -149,3 +160,8 @@ class Keys:
     def stream_pattern(self) -> str:
         """SCAN pattern matching every room stream."""
         return f"{self.prefix}{{*}}:s"
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` matched literally in a Redis glob pattern."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)

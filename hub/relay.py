@@ -76,6 +76,9 @@ class Relay:
         self._pubsub = self._redis.pubsub()
         # The first subscription creates the connection that listen() reads from.
         await self._pubsub.subscribe(self._keys.control_channel())
+        # Every connection reads its user's inbox: two patterns cover all of them, so a connect
+        # costs no SUBSCRIBE round trip and the node keeps no channel per user.
+        await self._pubsub.psubscribe(*self._keys.inbox_patterns())
 
     async def run(self) -> None:
         """Run the read loop, the subscription listener and the sweep until cancelled."""
@@ -106,13 +109,13 @@ class Relay:
             self._confirmations.setdefault(channel, []).append(fut)
             waits.append(fut)
         try:
-            await self._pubsub.subscribe(*channels)
-            # The group must not be created before Redis confirmed the subscription, or an entry
-            # added in between would wait for the sweep.
-            async with asyncio.timeout(10):
-                await asyncio.gather(*waits)
-            await self._streams.create_group(room, self._group)
-            await self._redis.sadd(self._keys.node_rooms(self._group), room)
+            if channels:
+                await self._pubsub.subscribe(*channels)
+                # The group must not be created before Redis confirmed the subscription, or an entry
+                # added in between would wait for the sweep.
+                async with asyncio.timeout(10):
+                    await asyncio.gather(*waits)
+            await self._streams.create_group(room, self._group, remember_in=self._keys.node_rooms(self._group))
         except BaseException:
             for fut in waits:
                 fut.cancel()
@@ -135,7 +138,10 @@ class Relay:
             log.warning("could not remove group of %s: %s", room, type(exc).__name__)
 
     def _room_channels(self, room: str) -> dict[str, str]:
-        """The channels an active room needs: stream wake-ups, grant changes, ephemeral events."""
+        """The channels an active room needs: stream wake-ups, grant changes, ephemeral events.
+        Inboxes need none of their own: the node's inbox patterns cover them, and they have no grants."""
+        if room.startswith(INBOX_PREFIX):
+            return {}
         return {
             self._keys.keyspace_channel(self._keys.stream(room)): "s",
             self._keys.keyspace_channel(self._keys.acl(room)): "acl",
@@ -146,7 +152,7 @@ class Relay:
         channels = list(self._room_channels(room))
         for channel in channels:
             self._channels.pop(channel, None)
-        if self._pubsub is not None:
+        if self._pubsub is not None and channels:  # (no arguments would unsubscribe from everything)
             # On failure the dropped channels are forgotten anyway: a reconnect does not resubscribe them.
             with contextlib.suppress(RedisError):
                 await self._pubsub.unsubscribe(*channels)
@@ -204,6 +210,9 @@ class Relay:
                 if not fut.done():
                     fut.set_result(None)
             return
+        if kind == "pmessage":
+            self._dispatch_inbox(channel, message["data"])
+            return
         if kind != "message":
             return
         target = self._channels.get(channel)
@@ -222,6 +231,17 @@ class Relay:
             task: asyncio.Task[None] = asyncio.ensure_future(self._on_acl_change(room))
             self._acl_tasks.add(task)
             task.add_done_callback(self._acl_tasks.discard)
+
+    def _dispatch_inbox(self, channel: str, data: Any) -> None:
+        """A message on the inbox patterns: wake or feed the inbox if a local connection reads it."""
+        key = self._keys.keyspace_key(channel)
+        room = self._keys.room_of_key(key if key is not None else channel)
+        if room is None or room not in self.active:
+            return  # another node's user
+        if key is not None:
+            self.wake(room)
+        else:
+            self._registry.deliver_ephemeral(room, data if isinstance(data, bytes) else str(data).encode())
 
     def _wake_all(self) -> None:
         self._dirty.update(self.active)

@@ -127,15 +127,20 @@ class Streams:
         except RedisError as exc:
             log.debug("could not note a join: %s", type(exc).__name__)
 
-    async def create_group(self, room: str, group: str) -> None:
-        """Create ``group`` on the room's stream at its current end ("$"), or move it there."""
+    async def create_group(self, room: str, group: str, remember_in: str | None = None) -> None:
+        """Create ``group`` on the room's stream at its current end ("$"), or move it there; with
+        ``remember_in``, also add the room to that set, in the same round trip."""
         stream = self.keys.stream(room)
-        try:
-            await self.redis.xgroup_create(stream, group, id="$", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
-            await self.redis.xgroup_setid(stream, group, id="$")
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xgroup_create(stream, group, id="$", mkstream=True)
+        if remember_in is not None:
+            pipe.sadd(remember_in, room)
+        results = await pipe.execute(raise_on_error=False)
+        for result in results:
+            if isinstance(result, ResponseError) and "BUSYGROUP" in str(result):
+                await self.redis.xgroup_setid(stream, group, id="$")
+            elif isinstance(result, Exception):
+                raise result
 
     async def restore_group(self, room: str, group: str) -> bool:
         """Recreate ``group`` after its stream vanished (Redis lost data, or a purge), at the start of
