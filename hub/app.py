@@ -245,6 +245,12 @@ class App:
         # websockets keeps the handshake's request and response (headers, and the token in the path)
         # for the connection's lifetime: ~1.7 KB per connection that nothing reads after the upgrade.
         # It expects a Request object there once the handshake is done, hence a shared placeholder.
+        handshake = connection.request
+        if handshake is not None and handshake is not _HANDSHAKE_DONE:
+            # websockets' parser generator still holds this request as a local for the connection's
+            # lifetime: empty it in place as well.
+            handshake.path = _HANDSHAKE_DONE.path
+            handshake.headers = _HANDSHAKE_DONE.headers
         connection.request = _HANDSHAKE_DONE
         connection.response = None
         self.node.session_opened(session)

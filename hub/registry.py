@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from hub.session import Session
 
 
-@dataclass
+@dataclass(slots=True)
 class Membership:
     session: Session
     joined: bool = False  # receives chat and events (join_room)
@@ -29,7 +29,7 @@ class Membership:
     buffer: list[Delivery] | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class LocalRoom:
     members: dict[Session, Membership] = field(default_factory=dict)
 

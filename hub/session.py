@@ -39,20 +39,29 @@ _ids = itertools.count(1)
 
 
 class HubConnection(ServerConnection):
-    """websockets' server connection plus what the handshake learnt about the client."""
+    """websockets' server connection plus what the handshake learnt about the client.
 
-    # Set by process_request after the token is verified; None until then (and for HTTP requests).
-    verified: VerifiedToken | None = None
-    # The connection's slots under its IP and user caps; released when the session ends.
-    lease: Lease | None = None
-    client_ip: str = ""
-    client_type: str = ""
-    client_version: str = ""
-    device_id: str = ""
-    # For the node-wide keepalive (hub/keepalive.py): when the peer last sent anything, and when we
-    # last pinged it (event-loop time).
-    last_data_at: float = 0.0
-    pinged_at: float = 0.0
+    Our fields are slots: added to websockets' ~30 instance attributes they would push the instance
+    dict past CPython's shared-key limit and cost ~1.5 KB per connection.
+    """
+
+    __slots__ = ("client_ip", "client_type", "client_version", "device_id", "last_data_at", "lease", "pinged_at",
+                 "verified")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Set by process_request after the token is verified; None until then (and for HTTP requests).
+        self.verified: VerifiedToken | None = None
+        # The connection's slots under its IP and user caps; released when the session ends.
+        self.lease: Lease | None = None
+        self.client_ip = ""
+        self.client_type = ""
+        self.client_version = ""
+        self.device_id = ""
+        # For the node-wide keepalive (hub/keepalive.py): when the peer last sent anything, and when
+        # we last pinged it (event-loop time).
+        self.last_data_at = 0.0
+        self.pinged_at = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -89,6 +98,10 @@ class Outbox:
 
 class Session:
     """State of one connection, from after the handshake until it closes."""
+
+    __slots__ = ("_abort_handle", "_dirty", "_expiry_timer", "_outbox", "_pending", "_transport", "auto_away",
+                 "closing", "connection", "guard", "id", "inflight", "last_frame_at", "node", "principal", "rooms",
+                 "status", "token", "user_id")
 
     def __init__(self, connection: HubConnection, node: Node, outbox: Outbox, guard: TokenGuard) -> None:
         assert connection.verified is not None
