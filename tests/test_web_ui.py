@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import ROOT
+from tests.helpers import mint
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 # Generous: a loaded 2-core box runs a hub, two browser contexts and the test at once.
@@ -194,8 +195,8 @@ async def test_two_users_chat_through_the_page(hub_processes: Any, pg_schema: st
 async def test_dashboard_asks_for_an_admin_token_off_the_admin_list(hub_processes: Any, browser: Browser,
                                                                     screenshots: Path) -> None:
     """With no admin address (server.admin_ips empty) the dashboard's admin requests are refused: it shows
-    the token form; a dev admin token then fills it in, and the dev login is refused on a hub without --dev
-    mode."""
+    the token form; a dev admin token then fills it in. On a hub without dev mode the dev login is refused,
+    a pasted token with a bad signature is refused with the hub's reason, and a good one logs in."""
     hub = await hub_processes(HUB_SERVER_DEV_LOGIN="true", HUB_SERVER_ADMIN_IPS="")
     base = f"http://127.0.0.1:{hub.port}"
     errors = PageErrors()
@@ -215,4 +216,11 @@ async def test_dashboard_asks_for_an_admin_token_off_the_admin_list(hub_processe
     await page.locator("#login-user").fill("101")
     await page.get_by_role("button", name="Log in (dev)").click()
     await expect(page.locator("#login-error")).to_contain_text("dev login is off")
+    await page.locator("#login-token").fill(mint("103", secret="not-the-hub-secret-0123456789abcdef"))
+    await page.get_by_role("button", name="Log in with token").click()
+    await expect(page.locator("#login-error")).to_contain_text("The hub refused this token")
+    await page.locator("#login-token").fill(mint("103"))
+    await page.get_by_role("button", name="Log in with token").click()
+    await expect(page.locator("#conn-state")).to_have_attribute("data-state", "open")
+    await expect(page.locator("#me")).to_have_text("Signed in as 103")
 

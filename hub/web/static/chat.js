@@ -85,7 +85,23 @@ async function start(newToken) {
     showLogin("That is not a JWT (three dot-separated parts with a sub claim).");
     return;
   }
+  // The rooms list first: a refused token gets a clear 401 here, where a browser's WebSocket would only
+  // see a failed handshake (and the client would retry it with backoff).
+  let listed = [];
+  let listError = "";
+  try {
+    listed = (await getJson("/ws/rooms", newToken)).rooms ?? [];
+  } catch (error) {
+    if (error.status === 401) {
+      tokenStore.clear("token");
+      showLogin(`The hub refused this token: ${error.message}`);
+      return;
+    }
+    listError = `Rooms list unavailable: ${error.message}`;
+  }
   if (client) client.close();
+  rooms.clear(); // another user's rooms, when logging in again
+  active = null;
   token = newToken;
   me = claims.sub;
   tokenStore.set("token", token);
@@ -93,6 +109,7 @@ async function start(newToken) {
   $("#chat").hidden = false;
   $("#logout").hidden = false;
   $("#me").textContent = `Signed in as ${me}`;
+  $("#join-error").textContent = listError;
   document.body.dataset.user = me;
 
   client = new HubClient({ url: "/ws/connect", token, clientType: "web-ui" });
@@ -102,12 +119,6 @@ async function start(newToken) {
   } catch (error) {
     showLogin(`Cannot connect: ${error.message}`);
     return;
-  }
-  let listed = [];
-  try {
-    listed = (await getJson("/ws/rooms", token)).rooms ?? [];
-  } catch (error) {
-    $("#join-error").textContent = `Rooms list unavailable: ${error.message}`;
   }
   for (const entry of listed.slice(0, MAX_ROOMS)) {
     const room = roomState(entry.room);
