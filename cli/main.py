@@ -76,6 +76,8 @@ def serve(ctx: click.Context, host: str | None, port: int | None, workers: int, 
         overrides["server.port"] = port
     if embedded:
         overrides["redis.embedded"] = "always"
+    if ctx.obj["dev"]:
+        overrides["server.dev_login"] = True  # the web UI's "log in as" (loopback clients only)
     config = _config(ctx, overrides)
     if workers > 1:
         if config.redis.embedded == "always":
@@ -85,7 +87,7 @@ def serve(ctx: click.Context, host: str | None, port: int | None, workers: int, 
 
     setup_logging(config.logging.level, config.logging.json)
     if ctx.obj["dev"]:
-        click.echo("dev mode: mint a token with  hubctl --dev token 1", err=True)
+        click.echo("dev mode: mint a token with  hubctl --dev token 1; the web UI logs in by user name", err=True)
     _run_node(config, reuse_port)
 
 
@@ -108,6 +110,7 @@ def _run_node(config: Config, reuse_port: bool) -> None:
         # One write: with --workers, several processes share this stdout and lines must not interleave.
         line = f"streamhub node {app.node_id} ready on ws://{config.server.host}:{app.port}/ws/connect\n"
         os.write(sys.stdout.fileno(), line.encode())
+        click.echo(f"web UI: http://{config.server.host}:{app.port}/ui/ (dashboard: /ui/dashboard)", err=True)
         await stop.wait()
         await app.stop()
 

@@ -29,6 +29,7 @@ from hub import __version__
 from hub.api import Api
 from hub.audit import Audit
 from hub.auth import TokenVerifier
+from hub.cluster_stats import ClusterStatsView
 from hub.config import Config
 from hub.embedded import EmbeddedRedis
 from hub.errors import CloseCode, HubError
@@ -43,6 +44,7 @@ from hub.session import HubConnection, Outbox, Session
 from hub.streams import Publisher, Streams
 from hub.tasks import cancel_and_wait
 from hub.tokens import RevocationStore, RevocationWatch, TokenGuard
+from hub.webui import StaticFiles
 
 log = logging.getLogger("hub.app")
 # One line per connection open and close (never per message; never a token or a body).
@@ -131,6 +133,9 @@ class App:
         self.audit: Audit | None = None
         self.guard: TokenGuard | None = None
         self.port: int | None = None
+        # The web UI's files (hub/web, listed once) and the dashboard's cluster snapshot (taken on request).
+        self.web = StaticFiles()
+        self.cluster_stats = ClusterStatsView(self)
 
     async def start(self) -> None:
         url = await self._redis_url()
@@ -381,6 +386,7 @@ class App:
             except TimeoutError:
                 log.warning("some connection handlers did not finish in time")
         await cancel_and_wait(self._tasks)
+        await self.cluster_stats.close()
         if self.audit is not None:
             await self.audit.close()
         if self.node is not None:

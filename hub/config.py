@@ -72,6 +72,9 @@ class ServerConfig:
     allowed_origins: tuple[str, ...] = ()
     # Publishes a single connection may have in flight before the hub stops reading from it.
     max_inflight_publishes: int = 64
+    # Development only: GET /ui/dev-token mints a token for any user name (loopback clients only), so the
+    # web UI logs in without a backend. hubctl --dev serve turns it on.
+    dev_login: bool = False
 
 
 @dataclass(frozen=True)

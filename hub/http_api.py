@@ -7,10 +7,11 @@ from typing import TYPE_CHECKING
 
 import orjson
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from hub import metrics
 from hub.api import MAX_BODY_BYTES, Api, fail
-from hub.server import client_ip, is_admin_request
+from hub.server import ADMIN_PATHS, CLUSTER_STATS_PATH, client_ip, is_admin_request
 
 if TYPE_CHECKING:
     from hub.app import App
@@ -22,7 +23,7 @@ def build_api_app(app: App, api: Api) -> web.Application:
             response = await app.health_response()
             return web.Response(status=response.status_code, body=response.body,
                                 content_type="application/json")
-        if request.path in ("/metrics", "/ws/connection-stats"):
+        if request.path in ADMIN_PATHS:
             server = app.config.server
             ip = client_ip(request.remote or "", request.headers.get("X-Forwarded-For"), server.trusted_proxies)
             assert app.guard is not None
@@ -32,6 +33,12 @@ def build_api_app(app: App, api: Api) -> web.Application:
                 return _json(denied.status, denied.body)
             if request.path == "/metrics":
                 return web.Response(body=metrics.render(app), headers={"Content-Type": metrics.CONTENT_TYPE})
+            if request.path == CLUSTER_STATS_PATH:
+                try:
+                    return _json(200, {"status": "success", "data": await app.cluster_stats.snapshot()})
+                except (RedisError, OSError):
+                    unavailable = fail(503, "unavailable", "Redis is unavailable; retry")
+                    return _json(unavailable.status, unavailable.body)
             return _json(200, metrics.connection_stats(app))
         if not api.handles(request.path):
             reply = fail(404, "not_found", "no such endpoint")

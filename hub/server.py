@@ -19,7 +19,7 @@ from redis.exceptions import RedisError
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-from hub import metrics
+from hub import metrics, webui
 from hub.errors import AuthError
 from hub.logs import protect_logger
 from hub.session import HubConnection
@@ -33,6 +33,10 @@ log = logging.getLogger("hub.server")
 protect_logger("websockets.server")
 
 WS_PATH = "/ws/connect"
+CLUSTER_STATS_PATH = "/ws/cluster-stats"
+# Answered to server.admin_ips or an admin token only.
+ADMIN_PATHS = ("/metrics", "/ws/connection-stats", CLUSTER_STATS_PATH)
+DEV_TOKEN_PATH = "/ui/dev-token"
 
 
 def json_response(status: HTTPStatus, body: dict[str, Any]) -> Response:
@@ -63,15 +67,19 @@ class Handshake:
             return await self._admit(connection, request)
         if url.path == "/ws/health":
             return await self._app.health_response()
-        if url.path in ("/metrics", "/ws/connection-stats"):
-            peer = connection.remote_address[0] if connection.remote_address else ""
-            ip = client_ip(str(peer), request.headers.get("X-Forwarded-For"), self._app.config.server.trusted_proxies)
+        if url.path in ADMIN_PATHS:
+            ip = client_ip(_peer(connection), request.headers.get("X-Forwarded-For"),
+                           self._app.config.server.trusted_proxies)
             if not self._is_admin(ip, request.headers.get("Authorization", ""), url.query):
                 return error_response(HTTPStatus.FORBIDDEN, "forbidden",
                                       "admins only (server.admin_ips or an admin token)")
             if url.path == "/metrics":
                 return metrics.metrics_response(self._app)
+            if url.path == CLUSTER_STATS_PATH:
+                return await self._cluster_stats()
             return metrics.connection_stats_response(self._app)
+        if url.path in ("/", "/ui") or url.path.startswith("/ui/"):
+            return self._web(connection, request, url.path, url.query)
         api = self._app.api
         if api is not None and api.handles(url.path):
             if request.headers.get("Content-Length", "0") not in ("", "0") or "Transfer-Encoding" in request.headers:
@@ -80,6 +88,32 @@ class Handshake:
             reply = await api.handle("GET", url.path, url.query, request.headers, None)
             return json_response(HTTPStatus(reply.status), reply.body)
         return error_response(HTTPStatus.NOT_FOUND, "not_found", "no such endpoint")
+
+    async def _cluster_stats(self) -> Response:
+        try:
+            snapshot = await self._app.cluster_stats.snapshot()
+        except (RedisError, OSError) as exc:
+            log.warning("cluster stats failed: %s", type(exc).__name__)
+            return error_response(HTTPStatus.SERVICE_UNAVAILABLE, "unavailable", "Redis is unavailable; retry")
+        return json_response(HTTPStatus.OK, {"status": "success", "data": snapshot})
+
+    def _web(self, connection: HubConnection, request: Request, path: str, query: str) -> Response:
+        """The web UI (hub.webui): pages, static files, the dev login."""
+        if path in ("/", "/ui"):
+            return webui.redirect("/ui/")
+        if path == DEV_TOKEN_PATH:
+            ip = client_ip(_peer(connection), request.headers.get("X-Forwarded-For"),
+                           self._app.config.server.trusted_proxies)
+            try:
+                minted = webui.dev_token(self._app.config, ip, query)
+            except webui.DevLoginRefused as exc:
+                return error_response(HTTPStatus.FORBIDDEN, exc.code, exc.message)
+            except ValueError as exc:
+                return error_response(HTTPStatus.BAD_REQUEST, "invalid_parameter", str(exc))
+            log.info("dev login: token minted for user %s from %s", minted["user_id"], ip)
+            return json_response(HTTPStatus.OK, {"status": "success", "data": minted})
+        found = self._app.web.response(path, request.headers.get("If-None-Match"))
+        return found or error_response(HTTPStatus.NOT_FOUND, "not_found", "no such page")
 
     def _is_admin(self, ip: str, authorization: str, query: str) -> bool:
         return is_admin_request(self._app.config.server.admin_ips, self._guard.verifier, ip, authorization, query)
