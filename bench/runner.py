@@ -24,6 +24,8 @@ class TargetSpec:
     """Which hub to load: ``url`` None starts one per run (``workers`` processes) on ``redis_url``."""
 
     redis_url: str
+    # The existing hub's Redis key prefix (its config's redis.key_prefix).
+    key_prefix: str = "hub:"
     url: str | None = None
     server_pid: int | None = None
     workers: int = 1
@@ -41,7 +43,7 @@ async def open_target(spec: TargetSpec, tag: str) -> Target:
         return await start_hub(spec.redis_url, workers=spec.workers, database_url=spec.database_url)
     if spec.auth is None:
         raise ValueError("an existing hub needs its JWT secret (--secret, JWT_SECRET or the config's auth.secret)")
-    return await existing_hub(spec.url, spec.auth, spec.redis_url, tag, spec.server_pid)
+    return await existing_hub(spec.url, spec.auth, spec.redis_url, spec.key_prefix, tag, spec.server_pid)
 
 
 def raise_open_files_limit(wanted: int) -> int:
@@ -67,7 +69,7 @@ async def run_scenario(name: str, scenario: Scenario, spec: TargetSpec, *, runs:
                                   "target": {"url": f"ws://{target.host}:{target.port}",
                                              "started_here": target.process is not None,
                                              "workers": spec.workers if spec.url is None else None,
-                                             "pids": target.pids()}}
+                                             "pids": target.pids(), "cleanup_pattern": target.cleanup_pattern}}
         try:
             async with asyncio.timeout(max_seconds):
                 await scenario(run, result)

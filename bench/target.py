@@ -21,10 +21,13 @@ from urllib.parse import urlsplit
 from redis.asyncio import Redis
 
 from hub.config import AuthConfig
+from hub.keys import Keys
 
 ROOT = Path(__file__).resolve().parents[1]
 HUB_START_TIMEOUT_S = 30.0
 HUB_STOP_TIMEOUT_S = 20.0
+ROOMS_RELEASE_TIMEOUT_S = 10.0
+ROOMS_RELEASE_POLL_S = 0.05
 
 # Environment of a hub started for a benchmark: its limits are meant for real users, not for thousands
 # of connections from 127.0.0.1 publishing as fast as they can (the limits have their own tests).
@@ -75,6 +78,11 @@ class Target:
     process: asyncio.subprocess.Process | None = None
     log_path: Path | None = None
     _stdout_drain: asyncio.Task[None] | None = field(default=None, repr=False)
+    # An existing hub handles our disconnects after we closed: its nodes' room sets (this pattern) must
+    # no longer name the run's rooms (tagged ``run_tag``) before their keys are deleted, or the hub's own
+    # leave handling runs into keys deleted under it. None for a hub started here (stopped first).
+    node_rooms_pattern: str | None = None
+    run_tag: str = ""
 
     def pids(self) -> dict[str, int]:
         found = {}
@@ -97,6 +105,8 @@ class Target:
             self._stdout_drain.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._stdout_drain
+        if self.node_rooms_pattern is not None:
+            await wait_rooms_released(self.redis_url, self.node_rooms_pattern, self.run_tag, ROOMS_RELEASE_TIMEOUT_S)
         if self.cleanup_pattern is not None:
             await delete_keys(self.redis_url, self.cleanup_pattern)
         if self.log_path is not None:
@@ -122,6 +132,29 @@ async def redis_pid_of(redis_url: str) -> int | None:
     if not isinstance(pid, int) or not process_exists(pid):
         return None
     return pid
+
+
+async def wait_rooms_released(redis_url: str, pattern: str, run_tag: str, timeout_s: float) -> bool:
+    """Wait until no set matching ``pattern`` (the hub nodes' room sets) names a room containing ``run_tag``;
+    False when ``timeout_s`` passed first."""
+    client = Redis.from_url(redis_url)
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                held = False
+                async for key in client.scan_iter(match=pattern, count=1000):
+                    async for _member in client.sscan_iter(key, match=f"*{run_tag}*"):
+                        held = True
+                        break
+                    if held:
+                        break
+                if not held:
+                    return True
+                await asyncio.sleep(ROOMS_RELEASE_POLL_S)
+    except TimeoutError:
+        return False
+    finally:
+        await client.aclose()
 
 
 async def delete_keys(redis_url: str, pattern: str) -> int:
@@ -201,8 +234,10 @@ async def spawn_server(argv: list[str], env: dict[str, str], ready_lines: int, t
     return target
 
 
-async def existing_hub(url: str, auth: AuthConfig, redis_url: str, run_tag: str, server_pid: int | None) -> Target:
-    """A hub already running at ``url`` (ws://host:port, loopback only). Its limits must admit the load."""
+async def existing_hub(url: str, auth: AuthConfig, redis_url: str, key_prefix: str, run_tag: str,
+                       server_pid: int | None) -> Target:
+    """A hub already running at ``url`` (ws://host:port, loopback only) with keys under ``key_prefix``.
+    Its limits must admit the load."""
     parts = urlsplit(url)
     if parts.scheme not in ("ws", "http") or not parts.hostname:
         raise ValueError(f"--url must look like ws://127.0.0.1:8000, got {url!r}")
@@ -210,4 +245,5 @@ async def existing_hub(url: str, auth: AuthConfig, redis_url: str, run_tag: str,
     if server_pid is not None and not process_exists(server_pid):
         raise ValueError(f"--server-pid {server_pid}: no such process")
     return Target(parts.hostname, parts.port or 80, auth, redis_url, f"*{run_tag}*", server_pid=server_pid,
-                  redis_pid=await redis_pid_of(redis_url))
+                  redis_pid=await redis_pid_of(redis_url), node_rooms_pattern=Keys(key_prefix).node_rooms("*"),
+                  run_tag=run_tag)

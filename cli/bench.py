@@ -102,8 +102,9 @@ def _run_load(ctx: click.Context, name: str, scenario: Callable[..., Awaitable[N
                           issuer=config.auth.issuer, token_type=config.auth.token_type)
     elif opts["server_pid"] is not None:
         raise click.UsageError("--server-pid goes with --url (a hub started here is sampled anyway)")
-    spec = TargetSpec(redis_url=config.redis.url, url=url, server_pid=opts["server_pid"], workers=opts["workers"],
-                      auth=auth, database_url=config.postgres.url)
+    spec = TargetSpec(redis_url=config.redis.url, key_prefix=config.redis.key_prefix, url=url,
+                      server_pid=opts["server_pid"], workers=opts["workers"], auth=auth,
+                      database_url=config.postgres.url)
 
     async def scenario_with_params(run: Any, result: dict[str, Any]) -> None:
         await scenario(run, result, **params)
