@@ -34,6 +34,7 @@ def plot_ramp(aggregated: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     run = median_run(aggregated)
     steps = run.get("steps") or []
@@ -53,13 +54,18 @@ def plot_ramp(aggregated: dict[str, Any], path: Path) -> None:
         ax.axhline(limit, color="grey", linestyle="--", linewidth=1, label=f"p99 limit {limit:g} ms")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    ax.set_xticks(offered)  # one tick per step, plain numbers (10,000, not 10^4)
+    ax.tick_params(axis="x", labelrotation=45)
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(FuncFormatter(lambda value, _pos: f"{value:,.10g}"))
+        axis.set_minor_formatter(NullFormatter())
     ax.set_xlabel(f"offered load: deliveries/s (publish rate x {subs} members)")
     ax.set_ylabel("latency, ms (send -> receive)")
     cpu = [s.get("deliveries_per_server_cpu_s") for s in steps if s["pass"] and s.get("deliveries_per_server_cpu_s")]
     efficiency = f"; median {statistics.median(cpu):,.0f} deliveries per server CPU-s" if cpu else ""
-    ax.set_title(f"hubctl bench {aggregated.get('scenario', 'ramp')}: one room of {subs}, "
-                 f"best sustained {run.get('best_sustained_deliveries_per_s', 0):,.0f} deliveries/s{efficiency}",
-                 fontsize=9)
+    ax.set_title(f"hubctl bench {aggregated.get('scenario', 'ramp')}: one room of {subs} members, a step every "
+                 f"{params.get('step_s', '?')} s\nbest sustained {run.get('best_sustained_deliveries_per_s', 0):,.0f}"
+                 f" deliveries/s{efficiency}", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
