@@ -593,6 +593,10 @@ from cli.maintenance import register_maintenance  # noqa: E402
 
 register_maintenance(cli)
 
+from cli.bench import register_bench  # noqa: E402
+
+register_bench(cli)
+
 
 @cli.command()
 @click.option("--days", type=click.IntRange(1, 366), default=7, show_default=True, help="Period, ending now.")
