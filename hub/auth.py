@@ -36,7 +36,12 @@ def is_valid_user_id(value: str) -> bool:
 _KID = re.compile(r"[A-Za-z0-9_.-]{1,64}", re.ASCII)
 
 
-@dataclass(frozen=True)
+# Interned role sets (subsets of KNOWN_ROLES, so few) and the shared empty room set for principals.
+_ROLE_SETS: dict[frozenset[str], frozenset[str]] = {}
+_NO_ROOMS: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
 class VerifiedToken:
     principal: Principal
     expires_at: float  # seconds since the epoch (the token's exp)
@@ -197,8 +202,11 @@ def _principal_from(claims: dict[str, Any]) -> VerifiedToken:
     jti = claims.get("jti")
     iat = claims.get("iat")
     roles = frozenset(r for r in roles_claim if r in KNOWN_ROLES)
+    # Every connection keeps its principal: share the few distinct role sets and the empty room set
+    # (an empty frozenset alone is 216 bytes).
+    roles = _ROLE_SETS.setdefault(roles, roles)
     return VerifiedToken(
-        principal=Principal(sub, roles, frozenset(token_rooms)),
+        principal=Principal(sub, roles, frozenset(token_rooms) if token_rooms else _NO_ROOMS),
         expires_at=float(exp),
         token_id=jti if isinstance(jti, str) and 0 < len(jti) <= 256 else None,
         issued_at=float(iat) if isinstance(iat, int | float) and not isinstance(iat, bool) else None,

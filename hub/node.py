@@ -16,6 +16,7 @@ import asyncpg
 from redis.exceptions import RedisError
 
 from hub.config import Config
+from hub.deadlines import Deadlines
 from hub.errors import ClientError, Forbidden, InvalidFrame, NotJoined, RateLimited, Unavailable
 from hub.history import History
 from hub.keys import Keys
@@ -104,6 +105,8 @@ class Node:
         self.publisher = publisher
         self.keys = keys
         self.registry = Registry()
+        # Token deadlines of every session (one timer for all).
+        self.deadlines = Deadlines()
         self.sealer = Sealer(config.encryption)
         self.relay = Relay(streams.redis, streams, keys, self.registry, node_id, config.relay,
                            self._recheck_room_access, self.sealer.open)

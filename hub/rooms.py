@@ -65,7 +65,7 @@ def parse_room(value: object, max_length: int = 128) -> Room:
     return Room(kind, value, ids)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Principal:
     """Who is on the other end of a connection, from the verified token."""
 

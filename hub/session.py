@@ -62,6 +62,10 @@ class HubConnection(ServerConnection):
         # we last pinged it (event-loop time).
         self.last_data_at = 0.0
         self.pinged_at = 0.0
+        # websockets waits on these only while its own writes are paused (we write to the transport
+        # ourselves); it appends, removes and iterates, which a list does in 56 bytes instead of a
+        # deque's ~760.
+        self.drain_waiters = []  # type: ignore[assignment]
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -99,9 +103,9 @@ class Outbox:
 class Session:
     """State of one connection, from after the handshake until it closes."""
 
-    __slots__ = ("_abort_handle", "_dirty", "_expiry_timer", "_outbox", "_pending", "_transport", "auto_away",
-                 "closing", "connection", "guard", "id", "inflight", "last_frame_at", "node", "principal", "rooms",
-                 "status", "token", "user_id")
+    __slots__ = ("_abort_handle", "_dirty", "_expiry_due", "_expiry_warned", "_outbox", "_pending", "_transport",
+                 "auto_away", "closing", "connection", "guard", "id", "inflight", "last_frame_at", "node", "principal",
+                 "rooms", "status", "token", "user_id")
 
     def __init__(self, connection: HubConnection, node: Node, outbox: Outbox, guard: TokenGuard) -> None:
         assert connection.verified is not None
@@ -131,9 +135,10 @@ class Session:
         self.auto_away = False
         # Publishes in flight; the read loop waits when the client has too many.
         self.inflight = asyncio.Semaphore(node.config.server.max_inflight_publishes)
-        # The token's timer: the token_expiring warning, then the close at the deadline. Set once the
-        # session serves, replaced by a refresh, cancelled on close; None when not (or no longer) due.
-        self._expiry_timer: asyncio.TimerHandle | None = None
+        # The token's next deadline (event-loop time) on the node's heap: the token_expiring warning,
+        # then the close. Set once the session serves, replaced by a refresh, None when cancelled.
+        self._expiry_due: float | None = None
+        self._expiry_warned = False
 
     # ------------------------------------------------------------------ outgoing
 
@@ -229,33 +234,43 @@ class Session:
         return self.token.expires_at + self.guard.config.leeway_s
 
     def _schedule_expiry(self) -> None:
-        """One timer per session (a TimerHandle is ~0.5 KB): first the warning, which then sets the
-        close at the deadline."""
+        """The token's next deadline on the node's heap (hub/deadlines.py): first the warning, which
+        then sets the close at the deadline."""
         self._cancel_expiry()
         if self.closing:
             return
         left = self.deadline - time.time()
         warning_s = self.guard.config.expiry_warning_s
-        loop = asyncio.get_running_loop()
-        if warning_s > 0 and left > 0:
-            # A token already inside the warning window is warned about at once.
-            self._expiry_timer = loop.call_later(max(0.0, left - warning_s), self._warn_expiry)
-        else:
-            self._expiry_timer = loop.call_later(max(0.0, left), self._expire)
+        # A token already inside the warning window is warned about at once.
+        due_in = max(0.0, left - warning_s) if warning_s > 0 and left > 0 else max(0.0, left)
+        self._expiry_warned = not (warning_s > 0 and left > 0)
+        self._set_expiry_due(due_in)
+
+    def _set_expiry_due(self, due_in: float) -> None:
+        when = asyncio.get_running_loop().time() + due_in
+        self._expiry_due = when
+        self.node.deadlines.add(when, self)
 
     def _cancel_expiry(self) -> None:
-        if self._expiry_timer is not None:
-            self._expiry_timer.cancel()
-            self._expiry_timer = None
+        self._expiry_due = None
+
+    def deadline_due(self, when: float) -> None:
+        if when != self._expiry_due:
+            return  # cancelled or replaced (refresh, close)
+        self._expiry_due = None
+        if self._expiry_warned:
+            self._expire()
+        else:
+            self._warn_expiry()
 
     def _warn_expiry(self) -> None:
+        self._expiry_warned = True
         left = self.deadline - time.time()
-        self._expiry_timer = asyncio.get_running_loop().call_later(max(0.0, left), self._expire)
+        self._set_expiry_due(max(0.0, left))
         if left > 0:
             self.send({"type": "token_expiring", "expires_at": iso_ms(int(self.deadline * 1000)), "in_s": int(left)})
 
     def _expire(self) -> None:
-        self._expiry_timer = None
         if self.closing:
             return
         if self.deadline - time.time() > 0.05:  # the wall clock moved back since the timer was set
