@@ -63,5 +63,6 @@ def setup_logging(level: str, json_lines: bool = False) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # websockets logs request lines at DEBUG; keep it at INFO unless asked otherwise.
-    logging.getLogger("websockets").setLevel(max(logging.INFO, root.level))
+    # websockets logs every handshake at INFO ("connection open"), which the hub's own connection
+    # log line already says, with user and client: warnings only, unless debugging.
+    logging.getLogger("websockets").setLevel(root.level if root.level <= logging.DEBUG else logging.WARNING)

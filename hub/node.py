@@ -21,7 +21,7 @@ from hub.errors import ClientError, Forbidden, InvalidFrame, NotJoined, RateLimi
 from hub.history import History
 from hub.keys import Keys
 from hub.limits import Limits
-from hub.notifications import Inbox, auto_rooms, is_internal
+from hub.notifications import DELIVERED_FIELD, Inbox, auto_rooms, is_internal
 from hub.presence import Presence, TypingIndicators
 from hub.protocol import (
     ChatMessage,
@@ -43,6 +43,7 @@ from hub.protocol import (
     format_stream_id,
     iso_ms,
     parse_client_frame,
+    parse_stream_id,
 )
 from hub.receipts import Receipts
 from hub.registry import Membership, Registry
@@ -138,13 +139,16 @@ class Node:
             try:
                 member = await self._attach(room, session, buffering=True)
                 member.joined = True
-                position = await self.streams.open_room(room)
                 replay: list[Delivery] = []
+                # Events-only rooms (system, roles) replay nothing: whatever the relay delivered since
+                # the attach is new to this connection, so it all goes out (no position needed).
+                last: StreamId = (0, 0)
                 if room.startswith("inbox:"):
-                    since = await self.inbox.delivered(session.user_id)
-                    entries = await self.streams.read_after(room, since, limit)
-                    replay = self._deliveries(room, entries)
-                last = max(position.last_id, replay[-1].entry_id) if replay else position.last_id
+                    position, mark = await self.streams.open_room_and_read_meta(room, DELIVERED_FIELD)
+                    since = parse_stream_id(mark.decode()) if mark else (0, 0)
+                    if position.last_id > since:  # else nothing arrived while the user was away
+                        replay = self._deliveries(room, await self.streams.read_after(room, since, limit))
+                    last = max(position.last_id, replay[-1].entry_id) if replay else position.last_id
                 attached.append((room, member, last, replay))
             except (Unavailable, RedisError) as exc:
                 log.warning("could not attach %s to %s: %s", session.id, room, type(exc).__name__)

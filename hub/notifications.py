@@ -27,13 +27,15 @@ from redis.exceptions import RedisError
 
 from hub.keys import Keys
 from hub.lua import Scripts
-from hub.protocol import StreamId, format_stream_id, iso_ms, parse_stream_id
+from hub.protocol import StreamId, format_stream_id, iso_ms
 
 log = logging.getLogger("hub.notifications")
 
 INBOX_PREFIX = "inbox:"
 SYSTEM_ROOM = "system"
 ROLE_PREFIX = "role:"
+# The inbox meta hash's field holding the newest entry delivered to any of the user's connections.
+DELIVERED_FIELD = "delivered"
 
 
 def inbox_room(user_id: str) -> str:
@@ -58,10 +60,6 @@ class Inbox:
         self._scripts = scripts
         self._redis = scripts.redis
         self._keys = keys
-
-    async def delivered(self, user_id: str) -> StreamId:
-        raw: Any = await self._redis.hget(self._keys.meta(inbox_room(user_id)), "delivered")
-        return parse_stream_id(raw.decode()) if raw else (0, 0)
 
     async def mark_delivered(self, room: str, up_to: StreamId) -> None:
         """Move the inbox's delivered mark forward (never back)."""

@@ -78,6 +78,27 @@ class Streams:
             raise Unavailable(f"Redis unavailable: {type(exc).__name__}") from exc
         return RoomPosition(epoch.decode(), _sid(min_id), _sid(first_id), _sid(last_id))
 
+    async def open_room_and_read_meta(self, room: str, meta_field: str) -> tuple[RoomPosition, bytes | None]:
+        """:meth:`open_room` and one field of the room's meta hash, in one round trip."""
+        keys = [self.keys.stream(room), self.keys.meta(room)]
+        for attempt in range(2):
+            pipe = self.redis.pipeline(transaction=False)
+            self.scripts.call_in(pipe, "room_open", keys, [new_epoch()])
+            pipe.hget(self.keys.meta(room), meta_field)
+            try:
+                opened, value = await pipe.execute(raise_on_error=False)
+            except RedisError as exc:
+                raise Unavailable(f"Redis unavailable: {type(exc).__name__}") from exc
+            if isinstance(opened, NoScriptError) and attempt == 0:
+                await self.scripts.load()  # Redis restarted and forgot the scripts
+                continue
+            for reply in (opened, value):
+                if isinstance(reply, Exception):
+                    raise Unavailable(f"Redis unavailable: {type(reply).__name__}")
+            epoch, min_id, first_id, last_id = opened
+            return RoomPosition(epoch.decode(), _sid(min_id), _sid(first_id), _sid(last_id)), value
+        raise Unavailable("Redis keeps forgetting the Lua scripts")
+
     async def read_after(self, room: str, after: StreamId, count: int) -> list[Entry]:
         """Entries with id > ``after``, oldest first, at most ``count``."""
         try:
