@@ -106,7 +106,8 @@ class Node:
         self.registry = Registry()
         self.sealer = Sealer(config.encryption)
         self.relay = Relay(streams.redis, streams, keys, self.registry, node_id, config.relay,
-                           self._recheck_room_access, self.sealer.open)
+                           self._recheck_room_access, self.sealer.open,
+                           silence_s=config.redis.socket_timeout_s)
         self.typing = TypingIndicators(streams.scripts, keys, config.rooms.typing_ttl_ms)
         self.presence = Presence(streams.scripts, keys, node_id)
         self.inbox = Inbox(streams.scripts, keys)
