@@ -69,8 +69,12 @@ class Relay:
         self._acl_tasks: set[asyncio.Task[None]] = set()
         # Called with each control-channel message (token revocations); set by the app, must not raise.
         self.on_control: Callable[[bytes], None] | None = None
+        # Called with a room whose stream vanished (its live members may have missed entries); set by the
+        # node, must not raise.
+        self.on_stream_lost: Callable[[str], None] | None = None
         self.entries_delivered = 0
         self.undeliverable_entries = 0
+        self.streams_lost = 0  # streams found without our group (Redis lost data, or a purge)
         self.reads = 0
 
     # ------------------------------------------------------------------ lifecycle
@@ -288,7 +292,10 @@ class Relay:
             # groups at the new streams' start (the others are untouched), then read all again.
             for room in rooms:
                 if await self._streams.restore_group(room, self._group):
+                    self.streams_lost += 1
                     log.warning("the stream of %s was lost (Redis data loss or purge): reading it anew", room)
+                    if self.on_stream_lost is not None:
+                        self.on_stream_lost(room)
                 self.wake(room)
             return
         self.reads += 1
