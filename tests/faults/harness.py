@@ -87,9 +87,10 @@ async def health_status(port: int, timeout_s: float = 5.0) -> int:
 def archiver_env(prefix: str, redis_url: str, pg_url: str, schema: str, **extra: str) -> dict[str, str]:
     """Environment of an archiver subprocess: small batches, quick retries, a quick claim of dead
     consumers' entries."""
-    return hub_env(prefix, REDIS_URL=redis_url, DATABASE_URL=pg_url, HUB_POSTGRES_SCHEMA=schema,
-                   HUB_ARCHIVER_BATCH_MAX_AGE_MS="50", HUB_ARCHIVER_MAX_RETRY_DELAY_S="0.5",
-                   HUB_ARCHIVER_CLAIM_IDLE_MS="2000", HUB_ARCHIVER_SWEEP_INTERVAL_S="1", **extra)
+    settings = {"REDIS_URL": redis_url, "DATABASE_URL": pg_url, "HUB_POSTGRES_SCHEMA": schema,
+                "HUB_ARCHIVER_BATCH_MAX_AGE_MS": "50", "HUB_ARCHIVER_MAX_RETRY_DELAY_S": "0.5",
+                "HUB_ARCHIVER_CLAIM_IDLE_MS": "2000", "HUB_ARCHIVER_SWEEP_INTERVAL_S": "1"}
+    return hub_env(prefix, **{**settings, **extra})
 
 
 def rss_kb(pid: int) -> int:
