@@ -168,6 +168,12 @@ class Ledger:
             self.acked_at[cmid] = time.monotonic()
             return sid
 
+    def forget(self, client: RecordingClient) -> None:
+        """A client closed for good before the end (churn, warm-up): nothing is owed to it any more."""
+        if client in self.clients:
+            self.clients.remove(client)
+        self.members.pop(client.log.user, None)
+
     async def close_clients(self) -> None:
         await asyncio.gather(*(c.close() for c in self.clients), return_exceptions=True)
 
