@@ -135,9 +135,21 @@ class Archiver:
     async def run(self, *, burst: bool = False) -> Stats:
         """Archive until cancelled; with ``burst``, until nothing is left to read, then return."""
         listener = asyncio.ensure_future(self._listen())
+        backoff = 0.05
         try:
             while True:
-                idle = await self._turn()
+                try:
+                    idle = await self._turn()
+                except RedisError as exc:
+                    # Redis restarting or unreachable: wait and go on (entries wait in Redis; what this
+                    # consumer read and did not acknowledge is claimed back by the sweep). Exiting here
+                    # made every Redis restart an archiver crash.
+                    log.warning("Redis unavailable (%s); retrying in %.2fs", type(exc).__name__, backoff)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, self._config.max_retry_delay_s)
+                    self._dirty.update(self._rooms)
+                    continue
+                backoff = 0.05
                 if burst and idle:
                     await self._claim_all(min_idle_ms=self._config.claim_idle_ms)
                     await self._flush()

@@ -13,6 +13,8 @@ Guarantees:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -22,7 +24,7 @@ from typing import Any
 import asyncpg
 import orjson
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from consumers.archiver import default_consumer_name
 from consumers.pg_retry import until_written
@@ -92,13 +94,16 @@ class AuditArchiver:
     async def start(self) -> None:
         """Create the group (at the stream's beginning), then store what this consumer had read
         before a crash."""
+        await self._ensure_group()
+        while await self._step("0"):
+            pass
+
+    async def _ensure_group(self) -> None:
         try:
             await self._redis.xgroup_create(self._keys.audit(), GROUP, id="0", mkstream=True)
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
-        while await self._step("0"):
-            pass
 
     async def close(self) -> None:
         if self._conn is not None:
@@ -107,12 +112,25 @@ class AuditArchiver:
 
     async def run(self, *, burst: bool = False) -> AuditStats:
         """Archive until cancelled; with ``burst``, until nothing is left to read or claim."""
+        backoff = 0.05
         while True:
-            got = await self._step(">", block_ms=None if burst else _BLOCK_MS)
-            due = time.monotonic() - self._last_claim >= self._config.sweep_interval_s
-            if (burst and not got) or due:
-                self._last_claim = time.monotonic()
-                got += await self._claim()
+            try:
+                got = await self._step(">", block_ms=None if burst else _BLOCK_MS)
+                due = time.monotonic() - self._last_claim >= self._config.sweep_interval_s
+                if (burst and not got) or due:
+                    self._last_claim = time.monotonic()
+                    got += await self._claim()
+            except RedisError as exc:
+                # Redis restarting: wait and go on instead of exiting; a Redis that lost its data lost our
+                # group too, so it is made again.
+                log.warning("Redis unavailable (%s); retrying in %.2fs", type(exc).__name__, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self._config.max_retry_delay_s)
+                if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
+                    with contextlib.suppress(RedisError):
+                        await self._ensure_group()
+                continue
+            backoff = 0.05
             if burst and not got:
                 return self.stats
 

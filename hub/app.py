@@ -71,8 +71,11 @@ REDIS_POOL_SIZE = 64
 REDIS_POOL_WAIT_S = 5.0
 
 
-async def connect_redis(url: str) -> Redis:
-    options: dict[str, Any] = {"decode_responses": False, "socket_connect_timeout": 5}
+async def connect_redis(url: str, socket_timeout_s: float | None = None) -> Redis:
+    # socket_timeout: without it a command sent into a black hole waits for TCP keepalive (hours), holding its
+    # pooled connection and everything queued behind it (the publisher's pipeline, the heartbeat).
+    options: dict[str, Any] = {"decode_responses": False, "socket_connect_timeout": 5,
+                               "socket_timeout": socket_timeout_s}
     if not url.startswith("unix://"):
         options["socket_keepalive"] = True  # TCP only: redis-py refuses it on Unix sockets
     pool = BlockingConnectionPool.from_url(url, max_connections=REDIS_POOL_SIZE, timeout=REDIS_POOL_WAIT_S,
@@ -139,7 +142,7 @@ class App:
 
     async def start(self) -> None:
         url = await self._redis_url()
-        self.redis = await connect_redis(url)
+        self.redis = await connect_redis(url, self.config.redis.socket_timeout_s)
         db = int(self.redis.connection_pool.connection_kwargs.get("db", 0) or 0)
         self.keys = Keys(self.config.redis.key_prefix, db)
         await ensure_keyspace_events(self.redis, self.config.redis.configure_keyspace_events)

@@ -87,6 +87,10 @@ class RedisConfig:
     # "always": always start it. "never": fail if Redis does not answer.
     embedded: str = "auto"
     embedded_dir: str = ".hub-data/redis"
+    # A command (or pipeline) with no reply after this long fails and its connection is dropped: a Redis that
+    # stalls or a network that silently drops packets turns into errors and reconnects instead of hanging the
+    # node. The relay's subscription connection is pinged after this much silence and re-made without a pong.
+    socket_timeout_s: float = 5.0
 
 
 @dataclass(frozen=True)

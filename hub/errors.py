@@ -102,6 +102,7 @@ class CloseCode(IntEnum):
     SERVER_SHUTDOWN = 4001  # node draining (SIGTERM): reconnect, another node will take you
     IDLE_TIMEOUT = 4002  # no frame for server.connection_timeout_s
     SLOW = 4008  # the client did not read fast enough; reconnect and resume
+    ROOM_DATA_LOST = 4010  # Redis lost a joined room's stream: reconnect and resume (recovered false: refetch)
     UNAUTHORIZED = 4501  # credentials no longer valid (reserved; expiry and revocation have their own codes)
     TOKEN_EXPIRED = 4502  # the token reached exp without a refresh frame: reconnect with a new token
     TOKEN_REVOKED = 4503  # the token (or every token of the user) was revoked: re-authenticate

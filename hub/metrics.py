@@ -10,6 +10,7 @@ prometheus-client's global one.
 
 from __future__ import annotations
 
+import asyncio
 import weakref
 from collections import Counter
 from collections.abc import Iterator
@@ -36,6 +37,13 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 TOP_USERS = 10
 
 _registries: weakref.WeakKeyDictionary[App, CollectorRegistry] = weakref.WeakKeyDictionary()
+
+
+def _task_count() -> int:
+    try:
+        return len(asyncio.all_tasks())
+    except RuntimeError:  # scraped outside the event loop (a test calling collect() directly)
+        return 0
 
 
 class NodeCollector(Collector):
@@ -96,6 +104,14 @@ class NodeCollector(Collector):
         yield CounterMetricFamily("streamhub_relay_undeliverable_entries",
                                   "Stream entries skipped as malformed or of an unknown type.",
                                   value=relay.undeliverable_entries)
+        yield CounterMetricFamily("streamhub_relay_streams_lost",
+                                  "Room streams that vanished under the relay (Redis lost data, or a purge).",
+                                  value=relay.streams_lost)
+        yield CounterMetricFamily("streamhub_epoch_mismatches",
+                                  "Resumes from an older epoch of a room (data lost), answered recovered false.",
+                                  value=metrics.epoch_mismatches)
+        yield GaugeMetricFamily("streamhub_asyncio_tasks", "asyncio tasks alive in the node's process (leak watch).",
+                                value=_task_count())
         yield CounterMetricFamily("streamhub_publish_batches", "Publish pipelines sent to Redis.",
                                   value=node.publisher.batches)
         disconnects = CounterMetricFamily("streamhub_disconnects", "Connections closed, by close code (0: none).",

@@ -17,7 +17,7 @@ from redis.exceptions import RedisError
 
 from hub.config import Config
 from hub.deadlines import Deadlines
-from hub.errors import ClientError, Forbidden, InvalidFrame, NotJoined, RateLimited, Unavailable
+from hub.errors import ClientError, CloseCode, Forbidden, InvalidFrame, NotJoined, RateLimited, Unavailable
 from hub.history import History
 from hub.keys import Keys
 from hub.limits import Limits
@@ -86,6 +86,8 @@ class Metrics:
     latency_counts: list[int] = field(default_factory=lambda: [0] * 12)  # one per bucket + the overflow
     latency_sum_ms: float = 0.0
     redis_rtt_ms: float = 0.0  # the last heartbeat's PING
+    # Resumes whose epoch is not the room's: Redis lost the room's data (answered recovered false).
+    epoch_mismatches: int = 0
 
     def observe_latency(self, ms: float) -> None:
         for index, bound in enumerate(self.latency_buckets_ms):
@@ -110,7 +112,8 @@ class Node:
         self.deadlines = Deadlines()
         self.sealer = Sealer(config.encryption)
         self.relay = Relay(streams.redis, streams, keys, self.registry, node_id, config.relay,
-                           self._recheck_room_access, self.sealer.open)
+                           self._recheck_room_access, self.sealer.open,
+                           silence_s=config.redis.socket_timeout_s)
         self.typing = TypingIndicators(streams.scripts, keys, config.rooms.typing_ttl_ms)
         self.presence = Presence(streams.scripts, keys, node_id)
         self.inbox = Inbox(streams.scripts, keys)
@@ -120,7 +123,10 @@ class Node:
         self.rules = AccessRules(config.rooms.admin_all_rooms, config.rooms.channel_publish_roles)
         self.metrics = Metrics()
         self.relay.metrics = self.metrics
+        self.relay.on_stream_lost = self._room_data_lost
         self.started_at = time.time()
+        # room -> the epoch whose change was logged (bounded: cleared past 10,000 rooms).
+        self._epoch_reported: dict[str, str] = {}
 
     # ------------------------------------------------------------------ sessions
 
@@ -342,11 +348,39 @@ class Node:
                 archived, recovered = older, True
         elif since is None and frame.history:
             entries = await self.streams.read_latest(room, frame.history)
+        if since is not None and since.epoch != position.epoch:
+            self._note_epoch_change(room, since.epoch, position.epoch)
         if since is not None and not recovered:
             entries = []  # a partial replay would be a silent gap: the client fetches history instead
         replay = self._deliveries(room, entries)
         last = max(position.last_id, replay[-1].entry_id) if replay else position.last_id
         return CatchUp(position.epoch, last, recovered, replay, archived)
+
+    def _room_data_lost(self, room: str) -> None:
+        """The room's stream vanished under live members: entries acknowledged before the loss may never
+        reach them, and a live connection would never learn it. Close their connections with 4010 so they
+        resume: the new epoch answers recovered false and the client refetches history (never a silent gap)."""
+        local = self.registry.rooms.get(room)
+        if local is None:
+            return
+        sessions = [session for session in local.members if not session.closing]
+        if sessions:
+            log.warning("closing %d connection(s) in %s with 4010: the room's data was lost", len(sessions), room)
+        for session in sessions:
+            session.close(CloseCode.ROOM_DATA_LOST, "room data lost: reconnect and resume",
+                          self.config.server.slow_close_grace_s)
+
+    def _note_epoch_change(self, room: str, old: str, new: str) -> None:
+        """Count a resume from another epoch; say it once per room and epoch on this node (every member of
+        the room comes back with the old epoch)."""
+        self.metrics.epoch_mismatches += 1
+        if self._epoch_reported.get(room) == new:
+            return
+        if len(self._epoch_reported) >= 10_000:
+            self._epoch_reported.clear()
+        self._epoch_reported[room] = new
+        log.warning("room %s has a new epoch (%s, was %s): Redis lost its data; resumes get recovered false "
+                    "and clients refetch history", room, new, old)
 
     async def _attach(self, room: str, session: Session, *, buffering: bool) -> Membership:
         """Add the session to ``room`` and make sure the relay reads it. With ``buffering``, live

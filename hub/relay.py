@@ -37,8 +37,11 @@ log = logging.getLogger("hub.relay")
 class Relay:
     def __init__(self, redis: Redis, streams: Streams, keys: Keys, registry: Registry, node_id: str,
                  config: RelayConfig, on_acl_change: Callable[[str], Coroutine[Any, Any, None]],
-                 opener: Opener | None = None) -> None:
+                 opener: Opener | None = None, *, silence_s: float = 5.0) -> None:
         self._redis = redis
+        # A subscription connection silent this long is pinged; without a pong within as long again it is
+        # re-made (a black-holed connection never errors by itself: it just stops delivering wake-ups).
+        self._silence_s = silence_s
         self._streams = streams
         self._keys = keys
         self._registry = registry
@@ -66,8 +69,12 @@ class Relay:
         self._acl_tasks: set[asyncio.Task[None]] = set()
         # Called with each control-channel message (token revocations); set by the app, must not raise.
         self.on_control: Callable[[bytes], None] | None = None
+        # Called with a room whose stream vanished (its live members may have missed entries); set by the
+        # node, must not raise.
+        self.on_stream_lost: Callable[[str], None] | None = None
         self.entries_delivered = 0
         self.undeliverable_entries = 0
+        self.streams_lost = 0  # streams found without our group (Redis lost data, or a purge)
         self.reads = 0
 
     # ------------------------------------------------------------------ lifecycle
@@ -181,14 +188,33 @@ class Relay:
 
     async def _listen(self) -> None:
         assert self._pubsub is not None
+        pubsub = self._pubsub
+        loop = asyncio.get_running_loop()
         backoff = 0.05
+        heard_at = loop.time()
+        pinged_at: float | None = None  # when the unanswered PING went out; None when none is
         while True:
             try:
-                message = await self._pubsub.get_message(timeout=None)
+                message = await pubsub.get_message(timeout=self._silence_s / 2)
+                now = loop.time()
+                if message is not None:
+                    heard_at, pinged_at = now, None
+                elif pinged_at is not None and now - pinged_at > self._silence_s:
+                    log.warning("subscription connection silent for %.1fs (no pong); reconnecting", now - heard_at)
+                    # The next get_message() connects again, and redis-py resubscribes every channel.
+                    if pubsub.connection is not None:
+                        await pubsub.connection.disconnect()
+                    heard_at, pinged_at = now, None
+                    self._wake_all()  # notifications sent meanwhile are lost
+                    continue
+                elif pinged_at is None and now - heard_at > self._silence_s:
+                    await pubsub.ping()
+                    pinged_at = now
             except RedisError as exc:
                 log.warning("subscription connection lost (%s); reconnecting", type(exc).__name__)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
+                heard_at, pinged_at = loop.time(), None
                 # Notifications may have been lost while disconnected.
                 self._wake_all()
                 continue
@@ -286,7 +312,10 @@ class Relay:
             # groups at the new streams' start (the others are untouched), then read all again.
             for room in rooms:
                 if await self._streams.restore_group(room, self._group):
+                    self.streams_lost += 1
                     log.warning("the stream of %s was lost (Redis data loss or purge): reading it anew", room)
+                    if self.on_stream_lost is not None:
+                        self.on_stream_lost(room)
                 self.wake(room)
             return
         self.reads += 1

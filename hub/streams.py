@@ -299,7 +299,7 @@ class Publisher:
                     retry.append(req)
                 elif isinstance(result, Exception):
                     log.warning("publish failed: %s", result)
-                    req.future.set_exception(Unavailable("Redis refused the message; nothing was stored"))
+                    req.future.set_exception(Unavailable(_refusal_message(result)))
                 else:
                     sid, epoch, duplicate = result
                     req.future.set_result(PublishResult(sid.decode(), epoch.decode(), bool(duplicate)))
@@ -312,6 +312,13 @@ class Publisher:
                     req.future.set_exception(Unavailable("Redis unavailable; nothing was stored"))
                 return
             batch = retry
+
+
+def _refusal_message(error: Exception) -> str:
+    """What a client is told when Redis answered a publish with an error."""
+    if "OOM command not allowed" in str(error):  # also raised inside the publish script
+        return "Redis is out of memory (maxmemory reached); nothing was stored; retry later with the same client_msg_id"
+    return "Redis refused the message; nothing was stored"
 
 
 def _entries(rows: Any) -> list[Entry]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import socket
 import subprocess
@@ -18,13 +19,25 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def server_version() -> tuple[int, ...]:
+    """The version of the ``redis-server`` on the PATH (the one PrivateRedis runs)."""
+    out = subprocess.run(["redis-server", "--version"], capture_output=True, text=True, timeout=10).stdout
+    match = re.search(r"v=(\d+)\.(\d+)\.(\d+)", out)
+    return tuple(int(part) for part in match.groups()) if match else (0,)
+
+
+def debug_command_args() -> tuple[str, ...]:
+    """Arguments that allow DEBUG (SLEEP) on this server: Redis 7 refuses it unless enabled."""
+    return ("--enable-debug-command", "yes") if server_version() >= (7,) else ()
+
+
 class PrivateRedis:
-    def __init__(self, *, appendonly: bool = False, fsync: str = "everysec") -> None:
+    def __init__(self, *, appendonly: bool = False, fsync: str = "everysec", extra_args: tuple[str, ...] = ()) -> None:
         self.port = _free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="hub-redis-"))
         self.args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
                      "--save", "", "--appendonly", "yes" if appendonly else "no", "--appendfsync", fsync,
-                     "--logfile", str(self.dir / "redis.log")]
+                     "--logfile", str(self.dir / "redis.log"), *extra_args]
         # The server process; None while stopped.
         self.process: subprocess.Popen[bytes] | None = None
 

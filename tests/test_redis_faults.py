@@ -5,11 +5,14 @@ false), never a silent gap."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
+from websockets.exceptions import ConnectionClosed
 
+from hub.errors import CloseCode
 from hub.keys import Keys
 from tests.conftest import NodeFactory, url_of
 from tests.helpers import Client, connect
@@ -87,8 +90,9 @@ async def test_redis_restart_with_aof_always_loses_no_acked_message(
 @pytest.mark.timeout(90)
 async def test_redis_restart_without_persistence_is_detected_not_a_silent_gap(
         nodes: NodeFactory, volatile_redis: PrivateRedis) -> None:
-    """kill -9 of a Redis without persistence: the room comes back with a new epoch, a resume with the
-    old position says recovered false with no messages, and new messages still reach live members."""
+    """kill -9 of a Redis without persistence: the node finds the room's stream gone and closes its live
+    members with 4010 (they could have missed entries); their resume with the old position says recovered
+    false with no messages and a new epoch, and new messages reach live members again."""
     node = await nodes.start(**{"redis.url": volatile_redis.url, "relay.node_heartbeat_s": 0.3,
                                 "relay.node_ttl_s": 3, "relay.sweep_interval_s": 1})
     sender, member = await connect(url_of(node), "1"), await connect(url_of(node), "2")
@@ -97,10 +101,20 @@ async def test_redis_restart_without_persistence_is_detected_not_a_silent_gap(
     last = await sender.say(ROOM, "before")
     await asyncio.to_thread(volatile_redis.kill)
     await asyncio.to_thread(volatile_redis.start)
-    after = await say_until_acked(sender, "after loss")
-    live = await member.expect("chat_message", content="after loss", timeout_s=20)
-    assert live["id"] == after["id"]
+    assert await _close_code(member) == CloseCode.ROOM_DATA_LOST
     again = await connect(url_of(node), "3")
     rejoined = await again.join(ROOM, since={"epoch": joined["epoch"], "last_id": last["id"]})
     assert rejoined["recovered"] is False and rejoined["messages"] == []
     assert rejoined["epoch"] != joined["epoch"]
+    after = await say_until_acked(again, "after loss")
+    live = await again.expect("chat_message", content="after loss", timeout_s=20)
+    assert live["id"] == after["id"]
+
+
+async def _close_code(client: Client, timeout_s: float = 20.0) -> int | None:
+    """Read (and drop) frames until the hub closes the connection; the code it sent."""
+    async with asyncio.timeout(timeout_s):
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                await client.ws.recv()
+    return client.ws.close_code
