@@ -6,6 +6,14 @@ reads only the rooms that were woken, many streams per ``XREADGROUP`` call. A sl
 every active room now and then, as a safety net for notifications lost while the subscription
 connection was down.
 
+Most entries need no read at all: room_publish.lua publishes each client message on the room's
+``:ev`` channel right after its XADD, so it reaches the node on the subscription connection just
+behind the XADD's keyspace notification. Each notification counts one unread entry for the room;
+each announced entry takes one back and, when nothing else is unread (no raw XADD or sweep ahead
+of it, no read in progress), is delivered directly. Only rooms with unread entries left are read,
+and before such a read the group's cursor is moved up to what was delivered directly, so the read
+returns only what was not.
+
 Ordering: within a room, entries are read in stream order and handed to the registry in that order;
 one read loop means one room is never fanned out by two tasks at once.
 """
@@ -19,6 +27,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+import msgpack
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError, ResponseError
@@ -26,7 +35,7 @@ from redis.exceptions import RedisError, ResponseError
 from hub.config import RelayConfig
 from hub.keys import Keys
 from hub.notifications import INBOX_PREFIX, Inbox
-from hub.protocol import Delivery, Opener, StreamId, entry_to_delivery
+from hub.protocol import Delivery, Opener, StreamId, entry_to_delivery, format_stream_id, parse_stream_id
 from hub.registry import Registry
 from hub.streams import Streams
 from hub.tasks import cancel_and_wait
@@ -58,6 +67,16 @@ class Relay:
         self.active: set[str] = set()
         # Rooms to read on the next turn of the read loop.
         self._dirty: set[str] = set()
+        # Per room: wake-ups (keyspace notifications, sweeps) not matched by an announced entry yet.
+        # A room is read only while this is above zero.
+        self._unread: dict[str, int] = {}
+        # Per room: the newest entry handed to the registry (by a read or directly).
+        self._delivered_up_to: dict[str, StreamId] = {}
+        # Rooms whose group cursor is behind _delivered_up_to (entries delivered directly).
+        self._cursor_behind: set[str] = set()
+        # Rooms being read now, and those an announcement arrived for meanwhile (read again after).
+        self._reading: set[str] = set()
+        self._reread: set[str] = set()
         self._wake = asyncio.Event()
         # The subscription connection (keyspace notifications + control channel); made in start().
         self._pubsub: PubSub | None = None
@@ -73,6 +92,7 @@ class Relay:
         # node, must not raise.
         self.on_stream_lost: Callable[[str], None] | None = None
         self.entries_delivered = 0
+        self.entries_announced = 0  # delivered straight from room_publish.lua's announcement
         self.undeliverable_entries = 0
         self.streams_lost = 0  # streams found without our group (Redis lost data, or a purge)
         self.reads = 0
@@ -135,6 +155,7 @@ class Relay:
         """Stop reading ``room`` (its last local member left). Callers hold the room lock."""
         self.active.discard(room)
         self._dirty.discard(room)
+        self._forget_positions(room)
         await self._unsubscribe(room)
         try:
             await self._streams.destroy_group(room, self._group)
@@ -143,6 +164,12 @@ class Relay:
             # The group is left behind; maintenance removes groups of rooms this node no longer
             # reads, and activate() moves an old group to the stream's end.
             log.warning("could not remove group of %s: %s", room, type(exc).__name__)
+
+    def _forget_positions(self, room: str) -> None:
+        self._unread.pop(room, None)
+        self._delivered_up_to.pop(room, None)
+        self._cursor_behind.discard(room)
+        self._reread.discard(room)
 
     def _room_channels(self, room: str) -> dict[str, str]:
         """The channels an active room needs: stream wake-ups, grant changes, ephemeral events.
@@ -183,6 +210,8 @@ class Relay:
         return len(self._dirty)
 
     def wake(self, room: str) -> None:
+        """Count one unread entry in ``room`` (or one read to do) and get the read loop going."""
+        self._unread[room] = self._unread.get(room, 0) + 1
         self._dirty.add(room)
         self._wake.set()
 
@@ -252,7 +281,11 @@ class Relay:
             self.wake(room)
         elif what == "ev":
             data = message["data"]
-            self._registry.deliver_ephemeral(room, data if isinstance(data, bytes) else str(data).encode())
+            payload = data if isinstance(data, bytes) else str(data).encode()
+            if payload[:1] == b"{":  # ephemeral events are JSON objects; announced entries are msgpack arrays
+                self._registry.deliver_ephemeral(room, payload)
+            else:
+                self._on_announced(room, payload)
         else:
             task: asyncio.Task[None] = asyncio.ensure_future(self._on_acl_change(room))
             self._acl_tasks.add(task)
@@ -269,9 +302,57 @@ class Relay:
         else:
             self._registry.deliver_ephemeral(room, data if isinstance(data, bytes) else str(data).encode())
 
+    def _on_announced(self, room: str, payload: bytes) -> None:
+        """An entry room_publish.lua announced: deliver it now unless a read must come first."""
+        unread = self._unread.get(room, 0)
+        if unread > 0:
+            unread -= 1  # this entry's own keyspace notification, which came just before
+            self._unread[room] = unread
+        if room in self._reading:
+            self._reread.add(room)  # the read in flight may or may not include it
+            return
+        if unread > 0 or room not in self.active or room.startswith(INBOX_PREFIX):
+            return  # an earlier entry is still to be read: the read delivers both, in order
+        try:
+            items = msgpack.unpackb(payload, raw=True)
+            raw_id = items[0]
+            entry_id = parse_stream_id(raw_id.decode("ascii"))
+            fields = dict(zip(items[1::2], items[2::2], strict=True))
+        except (ValueError, TypeError, IndexError, AttributeError, msgpack.UnpackException):
+            log.warning("unreadable entry announcement in %s; reading the stream instead", room)
+            self.wake(room)
+            return
+        if entry_id <= self._delivered_up_to.get(room, (0, 0)):
+            return  # a read already delivered it
+        self._delivered_up_to[room] = entry_id
+        self._cursor_behind.add(room)
+        self.entries_announced += 1
+        delivery = entry_to_delivery(room, raw_id, fields, self._opener)
+        if delivery is None:
+            self._undeliverable(room, raw_id)
+        else:
+            self._hand_over(room, [delivery])
+
+    def _undeliverable(self, room: str, raw_id: bytes) -> None:
+        self.undeliverable_entries += 1
+        log.warning("undeliverable entry %s in %s (unknown type or malformed)", raw_id.decode("ascii", "replace"),
+                    room)
+
+    def _hand_over(self, room: str, deliveries: list[Delivery]) -> int:
+        """Fan ``deliveries`` out to the room's local members; count them. Returns frames queued."""
+        queued = self._registry.deliver(room, deliveries)
+        self.entries_delivered += len(deliveries)
+        if self.metrics is not None and deliveries:
+            kind = room.split("_", 1)[0].split(":", 1)[0]
+            self.metrics.delivered_by_kind[kind] = self.metrics.delivered_by_kind.get(kind, 0) + queued
+            now_ms = time.time() * 1000
+            for delivery in deliveries:
+                self.metrics.observe_latency(max(0.0, now_ms - delivery.entry_id[0]))
+        return queued
+
     def _wake_all(self) -> None:
-        self._dirty.update(self.active)
-        self._wake.set()
+        for room in self.active:
+            self.wake(room)
 
     async def _sweep(self) -> None:
         while True:
@@ -285,7 +366,8 @@ class Relay:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            rooms = [r for r in self._dirty if r in self.active]
+            # Rooms whose every wake-up was matched by an announced entry were served already.
+            rooms = [r for r in self._dirty if r in self.active and self._unread.get(r, 0) > 0]
             self._dirty.clear()
             try:
                 for start in range(0, len(rooms), self._config.streams_per_read):
@@ -293,18 +375,49 @@ class Relay:
                 backoff = 0.05
             except RedisError as exc:
                 log.warning("stream read failed (%s); retrying", type(exc).__name__)
-                self._dirty.update(rooms)
+                for room in rooms:
+                    self.wake(room)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
                 self._wake.set()
 
     async def _read(self, rooms: list[str]) -> None:
-        streams = {self._keys.stream(room): ">" for room in rooms}
+        for room in rooms:
+            self._unread[room] = 0  # this read covers every wake-up so far
+            self._reading.add(room)
         try:
+            await self._read_rooms(rooms)
+        finally:
+            for room in rooms:
+                self._reading.discard(room)
+                if room in self._reread or self._unread.get(room, 0) > 0:
+                    self._reread.discard(room)
+                    self.wake(room)
+
+    async def _xreadgroup(self, rooms: list[str]) -> Any:
+        """One XREADGROUP over ``rooms``, after moving the cursor of those that had entries delivered
+        directly up to them (same round trip)."""
+        streams = {self._keys.stream(room): ">" for room in rooms}
+        behind = [room for room in rooms if room in self._cursor_behind and room in self._delivered_up_to]
+        if not behind:
             # NOACK: the node's group is only a read cursor (">" reads, never the pending list), so
             # entries are not kept pending and need no XACK round trip after delivery.
-            response = await self._redis.xreadgroup(self._group, self._consumer, streams,  # type: ignore[arg-type]
-                                                    count=self._config.read_count, noack=True)
+            return await self._redis.xreadgroup(self._group, self._consumer, streams,  # type: ignore[arg-type]
+                                                count=self._config.read_count, noack=True)
+        pipe = self._redis.pipeline(transaction=False)
+        for room in behind:
+            pipe.xgroup_setid(self._keys.stream(room), self._group, id=format_stream_id(self._delivered_up_to[room]))
+        pipe.xreadgroup(self._group, self._consumer, streams,  # type: ignore[arg-type]
+                        count=self._config.read_count, noack=True)
+        results = await pipe.execute(raise_on_error=False)
+        self._cursor_behind.difference_update(behind)
+        if isinstance(results[-1], Exception):
+            raise results[-1]
+        return results[-1]
+
+    async def _read_rooms(self, rooms: list[str]) -> None:
+        try:
+            response = await self._xreadgroup(rooms)
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
@@ -312,6 +425,7 @@ class Relay:
             # groups at the new streams' start (the others are untouched), then read all again.
             for room in rooms:
                 if await self._streams.restore_group(room, self._group):
+                    self._delivered_up_to.pop(room, None)  # the new stream's ids start over
                     self.streams_lost += 1
                     log.warning("the stream of %s was lost (Redis data loss or purge): reading it anew", room)
                     if self.on_stream_lost is not None:
@@ -327,27 +441,21 @@ class Relay:
             if name is None or not entries:
                 continue
             deliveries: list[Delivery] = []
+            up_to = self._delivered_up_to.get(name, (0, 0))
             for entry_id, fields in entries:
                 delivery = entry_to_delivery(name, entry_id, fields or {}, self._opener)
                 if delivery is None:
-                    self.undeliverable_entries += 1
-                    log.warning("undeliverable entry %s in %s (unknown type or malformed)",
-                                entry_id.decode("ascii", "replace"), name)
-                else:
+                    self._undeliverable(name, entry_id)
+                elif delivery.entry_id > up_to:  # (an announced entry the cursor had not passed yet)
                     deliveries.append(delivery)
-            queued = self._registry.deliver(name, deliveries)
-            self.entries_delivered += len(deliveries)
-            if self.metrics is not None and deliveries:
-                kind = name.split("_", 1)[0].split(":", 1)[0]
-                self.metrics.delivered_by_kind[kind] = self.metrics.delivered_by_kind.get(kind, 0) + queued
-                now_ms = time.time() * 1000
-                for delivery in deliveries:
-                    self.metrics.observe_latency(max(0.0, now_ms - delivery.entry_id[0]))
+            last_read = parse_stream_id(entries[-1][0].decode("ascii"))
+            if last_read > up_to:
+                self._delivered_up_to[name] = last_read
+            queued = self._hand_over(name, deliveries)
             if queued and name.startswith(INBOX_PREFIX):
                 delivered_marks.append((name, deliveries[-1].entry_id))
             if len(entries) >= self._config.read_count:
-                self._dirty.add(name)  # more may be waiting
-                self._wake.set()
+                self.wake(name)  # more may be waiting
         for room, last in delivered_marks:
             # Handed to the user's live connections: an offline replay must not repeat it.
             await self._inbox.mark_delivered(room, last)

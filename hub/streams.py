@@ -138,7 +138,8 @@ class Streams:
         keys = [self.keys.stream(room), self.keys.meta(room)]
         if idempotency_id is not None:
             keys.append(self.keys.idempotency(room, sender_id, idempotency_id))
-        sid, _epoch, _dup = await self.scripts.call("room_publish", keys, [new_epoch(), idempotency_ttl_s, *fields])
+        sid, _epoch, _dup = await self.scripts.call(
+            "room_publish", keys, [new_epoch(), idempotency_ttl_s, self.keys.events_channel(room), *fields])
         return str(sid.decode())
 
     async def remember_join(self, user_id: str, room: str) -> None:
@@ -219,7 +220,8 @@ class Publisher:
         if client_msg_id is not None:
             keys.append(self._keys.idempotency(room, sender_id, client_msg_id))
         future: asyncio.Future[PublishResult] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Request(keys, [new_epoch(), self._ttl_s, *fields], future, rate))
+        self._queue.append(_Request(keys, [new_epoch(), self._ttl_s, self._keys.events_channel(room), *fields],
+                                    future, rate))
         self._wake.set()
         return future
 

@@ -52,10 +52,16 @@ async def say_until_acked(client: Client, content: str, timeout_s: float = 20) -
 
 
 async def _ack_or_error(client: Client) -> dict[str, object]:
+    """The next ack or error; other frames stay for later expect() calls (a message's echo may
+    overtake its ack)."""
+    for index, frame in enumerate(client.backlog):
+        if frame["type"] in ("ack", "error"):
+            return client.backlog.pop(index)
     while True:
-        frame = await client.next_frame()
+        frame = await client.recv()
         if frame["type"] in ("ack", "error"):
             return frame
+        client.backlog.append(frame)
 
 
 @pytest.mark.fault
