@@ -143,6 +143,18 @@ async def publish(redis: Redis, channel: str, message: bytes | str) -> int:
     return int(await cluster.execute_command("PUBLISH", channel, message, target_nodes=owner))
 
 
+async def publish_many(redis: Redis, channel: str, messages: list[bytes]) -> list[int]:
+    """PUBLISH each message on ``channel`` in one pipelined round trip (routed as :func:`publish` does)."""
+    cluster = as_cluster(redis)
+    pipe = redis.pipeline(transaction=False)
+    for message in messages:
+        if cluster is None:
+            pipe.publish(channel, message)
+        else:  # (redis-py's cluster pipeline refuses pipe.publish)
+            pipe.execute_command("PUBLISH", channel, message, target_nodes=cluster.get_node_from_key(channel))
+    return [int(count) for count in await pipe.execute()]
+
+
 async def load_scripts(redis: Redis, sources: list[str]) -> None:
     """SCRIPT LOAD every source on the server, or on every master of a cluster (one pipelined round trip per
     node). A replica promoted later has not got them: EVALSHA then answers NOSCRIPT and callers load again."""

@@ -136,9 +136,17 @@ class RedisClusterFixture:
                 text = info.decode() if isinstance(info, bytes) else str(info)
                 if "cluster_state:ok" not in text or "cluster_slots_ok:16384" not in text:
                     return False
-                return len(self.master_ports(client)) == self.masters
+                return (len(self.master_ports(client)) == self.masters
+                        and self._replica_count(client) == self.masters * self.replicas_per_master)
         except (redis.RedisError, OSError):
             return False
+
+    def _replica_count(self, client: redis.Redis) -> int:
+        raw = client.execute_command("CLUSTER", "NODES")
+        text = raw.decode() if isinstance(raw, bytes) else str(raw)
+        return sum(1 for line in text.splitlines()
+                   if len(line.split()) >= 8 and "slave" in line.split()[2] and "fail" not in line.split()[2]
+                   and line.split()[7] == "connected")
 
     def running_ports(self) -> list[int]:
         return [port for port, process in self.processes.items() if process.poll() is None]
