@@ -169,14 +169,18 @@ class RedisClusterFixture:
                 masters.append(int(parts[1].split("@", 1)[0].rsplit(":", 1)[1]))
         return sorted(masters)
 
-    def replica_of(self, master_port: int) -> int:
-        """The port of a replica of the master on ``master_port``."""
-        with self.client(master_port) as client:
-            info = client.info("replication")
-        for name, value in info.items():
-            if name.startswith("slave") and isinstance(value, dict) and value.get("state") == "online":
-                return int(value["port"])
-        raise RuntimeError(f"the master on {master_port} has no online replica")
+    def replica_of(self, master_port: int, timeout_s: float = 15.0) -> int:
+        """The port of a replica of the master on ``master_port`` that finished its initial sync (waits)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self.client(master_port) as client:
+                info = client.info("replication")
+            for name, value in info.items():
+                if name.startswith("slave") and isinstance(value, dict) and value.get("state") == "online":
+                    return int(value["port"])
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the master on {master_port} has no online replica: {info}")
+            time.sleep(0.05)
 
     def failover(self, replica_port: int, timeout_s: float = 30.0) -> None:
         """Promote the replica on ``replica_port`` with a coordinated CLUSTER FAILOVER (its master stops
