@@ -55,7 +55,9 @@ class ClusterNodes:
         self.apps: list[App] = []
 
     async def start(self, **overrides: Any) -> App:
-        app = App(make_config(self.prefix, **{"redis.url": self.url, **overrides}))
+        # A short drain: the tests leave their clients open, and stopping two nodes must stay well inside the
+        # test's timeout.
+        app = App(make_config(self.prefix, **{"redis.url": self.url, "server.drain_timeout_s": 2, **overrides}))
         await app.start()
         self.apps.append(app)
         return app
