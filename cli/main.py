@@ -217,15 +217,14 @@ def _room(name: str, *, internal_ok: bool = False) -> str:
 
 
 async def _with_streams(config: Config, action: Any) -> Any:
-    from redis.asyncio import Redis
-
+    from hub import redis_client
     from hub.keys import Keys
     from hub.lua import Scripts
     from hub.streams import Streams
 
-    redis = Redis.from_url(config.redis.url, decode_responses=False, socket_connect_timeout=5)
+    redis = redis_client.connect(config.redis.url, cluster=config.redis.is_cluster)
     try:
-        db = int(redis.connection_pool.connection_kwargs.get("db", 0) or 0)
+        db = redis_client.database(redis)
         scripts = Scripts(redis)
         await scripts.load()
         return await action(Streams(redis, scripts, Keys(config.redis.key_prefix, db)))
@@ -530,12 +529,11 @@ def archiver(ctx: click.Context, burst: bool, name: str | None) -> None:
     setup_logging(config.logging.level, config.logging.json)
 
     async def run() -> Any:
-        from redis.asyncio import Redis
-
         from consumers.archiver import Archiver
         from consumers.audit_archiver import AuditArchiver
         from consumers.scheduler import Scheduler
         from consumers.schema import is_current
+        from hub import redis_client
         from hub.keys import Keys
         from hub.tasks import cancel_and_wait
 
@@ -545,8 +543,8 @@ def archiver(ctx: click.Context, burst: bool, name: str | None) -> None:
                 raise click.ClickException("the schema is not current: run hubctl migrate")
         finally:
             await conn.close()
-        redis = Redis.from_url(config.redis.url, decode_responses=False, socket_connect_timeout=5)
-        db = int(redis.connection_pool.connection_kwargs.get("db", 0) or 0)
+        redis = redis_client.connect(config.redis.url, cluster=config.redis.is_cluster)
+        db = redis_client.database(redis)
         worker = Archiver(redis, Keys(config.redis.key_prefix, db), config.postgres, config.archiver)
         audit_worker = AuditArchiver(redis, Keys(config.redis.key_prefix, db), config.postgres, config.archiver)
         stop = asyncio.Event()

@@ -44,18 +44,18 @@ def _ids(value: str | None, name: str) -> StreamId | None:
 
 
 async def _with_stores(ctx: click.Context, action: Any, *, postgres: bool = True) -> Plan:
-    from redis.asyncio import Redis
     from redis.exceptions import RedisError
 
     from cli.main import _config, _host, _operator, _pg_connect
+    from hub import redis_client
     from hub.audit import write_event
     from hub.keys import Keys
 
     config = _config(ctx, require_auth=False)
-    redis = Redis.from_url(config.redis.url, decode_responses=False, socket_connect_timeout=5)
+    redis = redis_client.connect(config.redis.url, cluster=config.redis.is_cluster)
     pg = await _pg_connect(config) if postgres else None
     try:
-        db = int(redis.connection_pool.connection_kwargs.get("db", 0) or 0)
+        db = redis_client.database(redis)
         keys = Keys(config.redis.key_prefix, db)
         plan: Plan = await action(redis, keys, pg)
         if plan.applied:

@@ -42,13 +42,12 @@ def _load(ctx: click.Context) -> Config:
 
 
 async def _with_redis(config: Config, action: Callable[[Any, Any], Awaitable[T]]) -> T:
-    from redis.asyncio import Redis
-
+    from hub import redis_client
     from hub.keys import Keys
 
-    redis = Redis.from_url(config.redis.url, decode_responses=False, socket_connect_timeout=5, socket_timeout=30)
+    redis = redis_client.connect(config.redis.url, cluster=config.redis.is_cluster, socket_timeout_s=30)
     try:
-        db = int(redis.connection_pool.connection_kwargs.get("db", 0) or 0)
+        db = redis_client.database(redis)
         return await action(redis, Keys(config.redis.key_prefix, db))
     finally:
         await redis.aclose()
@@ -217,6 +216,12 @@ def _print_stats(console: Any, s: ClusterStats) -> None:
                       "-" if n.seen_s_ago is None else f"{n.seen_s_ago}s ago")
     _section(console, f"Nodes: {len(alive)} alive, {len(s.nodes) - len(alive)} registered but gone", nodes)
 
+    shards = _table("redis master", "keys", "memory", "ops/s", "commands", "clients", "hub streams")
+    for sh in s.shards:
+        shards.add_row(sh.node, _num(sh.keys), _size(sh.used_memory_bytes), _num(sh.ops_per_sec),
+                       _num(sh.commands_processed), _num(sh.connected_clients), _num(sh.streams))
+    _section(console, f"Redis: {len(s.shards)} shard(s)", shards)
+
     users = _table("user", "connections")
     for u in s.connections.top_users:
         users.add_row(u.user_id, str(u.connections))
@@ -306,7 +311,7 @@ def check(ctx: click.Context, as_json: bool) -> None:
                    for name in ("redis", "keyspace-events", "lua", "postgres", "schema")]
     else:
         checks += asyncio.run(run_checks(config.redis.url, config.postgres.url, config.postgres.schema,
-                                         is_current))
+                                         is_current, cluster=config.redis.is_cluster))
     failed = [c for c in checks if c.ok is not True]
     if as_json:
         _echo_json({"ok": not failed, "checks": [asdict(c) for c in checks]})

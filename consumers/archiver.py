@@ -29,7 +29,6 @@ from typing import Any
 
 import asyncpg
 from redis.asyncio import Redis
-from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError, ResponseError
 
 from consumers.pg_retry import until_written
@@ -38,6 +37,8 @@ from consumers.schema import ensure_partition, month_start
 from hub.config import ArchiverConfig, PostgresConfig
 from hub.keys import Keys
 from hub.lua import Scripts
+from hub.redis_client import xreadgroup_many
+from hub.subscriptions import Subscriptions
 from hub.tasks import cancel_and_wait
 
 log = logging.getLogger("consumers.archiver")
@@ -103,8 +104,8 @@ class Archiver:
         self._months: set[datetime] = set()
         # The PostgreSQL connection; None while disconnected (re-made on the next flush).
         self._conn: asyncpg.Connection | None = None
-        # Keyspace pattern subscription; None until start().
-        self._pubsub: PubSub | None = None
+        # Keyspace pattern subscription (on every master of a Redis Cluster); None until start().
+        self._pubsub: Subscriptions | None = None
         self._last_trim = time.monotonic()
         self._last_sweep = time.monotonic()
 
@@ -112,7 +113,7 @@ class Archiver:
 
     async def start(self) -> None:
         await self._scripts.load()
-        self._pubsub = self._redis.pubsub()
+        self._pubsub = Subscriptions(self._redis, self._on_notification, on_gap=self._wake_all, name="archiver")
         await self._pubsub.psubscribe(self._keys.keyspace_stream_pattern())
         await self._discover()
         # Entries this consumer read before a crash are re-read first (their rows may or may not
@@ -127,14 +128,15 @@ class Archiver:
             await cancel_and_wait([self._inflight])
             self._inflight = None
         if self._pubsub is not None:
-            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+            await self._pubsub.aclose()
         if self._conn is not None:
             await self._conn.close()
             self._conn = None
 
     async def run(self, *, burst: bool = False) -> Stats:
         """Archive until cancelled; with ``burst``, until nothing is left to read, then return."""
-        listener = asyncio.ensure_future(self._listen())
+        assert self._pubsub is not None
+        listener = asyncio.ensure_future(self._pubsub.run())
         backoff = 0.05
         try:
             while True:
@@ -212,26 +214,21 @@ class Archiver:
                 raise
         self._rooms.add(room)
 
-    async def _listen(self) -> None:
-        assert self._pubsub is not None
-        while True:
-            try:
-                message = await self._pubsub.get_message(timeout=None)
-            except RedisError as exc:
-                log.warning("subscription lost (%s); reconnecting", type(exc).__name__)
-                await asyncio.sleep(0.5)
-                self._dirty.update(self._rooms)
-                self._wake.set()
-                continue
-            if message is None or message.get("type") != "pmessage":
-                continue
-            channel = message["channel"]
-            channel = channel.decode() if isinstance(channel, bytes) else str(channel)
-            key = channel.split(":", 1)[1] if channel.startswith("__keyspace@") else ""
-            room = self._keys.room_of_key(key)
-            if room is not None:
-                self._dirty.add(room)
-                self._wake.set()
+    def _wake_all(self) -> None:
+        """Notifications may have been lost (a reconnect, a failover): read every known room."""
+        self._dirty.update(self._rooms)
+        self._wake.set()
+
+    def _on_notification(self, message: dict[str, Any]) -> None:
+        if message.get("type") != "pmessage":
+            return
+        channel = message["channel"]
+        channel = channel.decode() if isinstance(channel, bytes) else str(channel)
+        key = channel.split(":", 1)[1] if channel.startswith("__keyspace@") else ""
+        room = self._keys.room_of_key(key)
+        if room is not None:
+            self._dirty.add(room)
+            self._wake.set()
 
     # ------------------------------------------------------------------ reading
 
@@ -255,9 +252,7 @@ class Archiver:
                 per_stream = min(self._config.read_count, max(1, room_space // len(reading)))
                 streams = {self._keys.stream(r): ("0" if own_pending else ">") for r in reading}
                 try:
-                    response = await self._redis.xreadgroup(
-                        GROUP, self.consumer, streams,  # type: ignore[arg-type]
-                        count=per_stream)
+                    response = await xreadgroup_many(self._redis, GROUP, self.consumer, streams, count=per_stream)
                 except ResponseError as exc:
                     if "NOGROUP" not in str(exc):
                         raise

@@ -27,6 +27,7 @@ from consumers.rows import COLUMNS, Poison, entry_to_row
 from consumers.schema import ensure_partition, month_start
 from hub.keys import Keys
 from hub.protocol import StreamId, format_stream_id, parse_stream_id
+from hub.redis_client import as_cluster, publish_many
 
 
 @dataclass
@@ -233,10 +234,8 @@ async def replay_deliver(redis: Redis, keys: Keys, room: str, first: StreamId | 
     frames = [f for f in (entry_to_frame(room, eid, fields or {}) for eid, fields in entries) if f is not None]
     plan.redis_entries = len(frames)
     if apply and frames:
-        pipe = redis.pipeline(transaction=False)
-        for _sid, frame, _chat in frames:
-            pipe.publish(keys.events_channel(room), orjson.dumps(frame | {"replayed": True}))
-        receivers = await pipe.execute()
+        receivers = await publish_many(redis, keys.events_channel(room),
+                                       [orjson.dumps(frame | {"replayed": True}) for _sid, frame, _chat in frames])
         plan.details["nodes_reached"] = max(receivers) if receivers else 0
         plan.applied = True
     return plan
@@ -256,10 +255,16 @@ async def replay_dead_letters(redis: Redis, keys: Keys, ids: list[str] | None, *
         room = _text(record.get(b"_room"))
         original = {k[2:]: v for k, v in record.items() if k.startswith(b"f:")}
         if room and original:
-            pipe = redis.pipeline(transaction=True)
-            pipe.xadd(keys.stream(room), original)
-            pipe.xdel(dlq, record_id)
-            await pipe.execute()
+            if as_cluster(redis) is None:
+                pipe = redis.pipeline(transaction=True)
+                pipe.xadd(keys.stream(room), original)
+                pipe.xdel(dlq, record_id)
+                await pipe.execute()
+            else:
+                # The room's stream and the dead-letter stream are in different slots: no MULTI across them in a
+                # cluster. Added first, removed second: a failure in between re-injects it again next time.
+                await redis.xadd(keys.stream(room), original)
+                await redis.xdel(dlq, record_id)
     plan.applied = True
     return plan
 

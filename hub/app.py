@@ -18,14 +18,14 @@ from typing import Any
 
 import asyncpg
 from aiohttp import web
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from websockets.asyncio.server import Server, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 from websockets.typing import Origin
 
-from hub import __version__
+from hub import __version__, redis_client
 from hub.api import Api
 from hub.audit import Audit
 from hub.auth import TokenVerifier
@@ -71,22 +71,30 @@ REDIS_POOL_SIZE = 64
 REDIS_POOL_WAIT_S = 5.0
 
 
-async def connect_redis(url: str, socket_timeout_s: float | None = None) -> Redis:
+async def connect_redis(url: str, socket_timeout_s: float | None = None, *, cluster: bool = False) -> Redis:
     # socket_timeout: without it a command sent into a black hole waits for TCP keepalive (hours), holding its
     # pooled connection and everything queued behind it (the publisher's pipeline, the heartbeat).
-    options: dict[str, Any] = {"decode_responses": False, "socket_connect_timeout": 5,
-                               "socket_timeout": socket_timeout_s}
-    if not url.startswith("unix://"):
-        options["socket_keepalive"] = True  # TCP only: redis-py refuses it on Unix sockets
-    pool = BlockingConnectionPool.from_url(url, max_connections=REDIS_POOL_SIZE, timeout=REDIS_POOL_WAIT_S,
-                                           **options)
-    return Redis.from_pool(pool)
+    redis = redis_client.connect(url, cluster=cluster, socket_timeout_s=socket_timeout_s,
+                                 pool_size=REDIS_POOL_SIZE, pool_wait_s=REDIS_POOL_WAIT_S)
+    await redis_client.initialize(redis)
+    return redis
 
 
 async def ensure_keyspace_events(redis: Redis, allowed_to_configure: bool, *, report: bool = True) -> bool:
-    """Make sure stream and set keyspace notifications are on. Returns False if they are not and
-    could not be turned on (the relay then depends on its sweep)."""
-    reply: dict[Any, Any] = await redis.config_get("notify-keyspace-events")
+    """Make sure stream and set keyspace notifications are on: on the server, or on every node of a cluster
+    (CONFIG SET is not replicated, and each master notifies only about its own keys: the replicas get it too,
+    so a promoted one notifies at once). Returns False if they are not and could not be turned on (the relay
+    then depends on its sweep)."""
+    replies = await redis_client.on_each_master(redis, "CONFIG", "GET", "notify-keyspace-events", replicas=True)
+    ok = True
+    for node, reply in replies.items():
+        ok = await _ensure_keyspace_events_on(redis, node if len(replies) > 1 else None, reply,
+                                              allowed_to_configure, report) and ok
+    return ok
+
+
+async def _ensure_keyspace_events_on(redis: Redis, node: str | None, reply: dict[Any, Any],
+                                     allowed_to_configure: bool, report: bool) -> bool:
     current = reply.get(b"notify-keyspace-events", reply.get("notify-keyspace-events", b""))
     flags = current.decode() if isinstance(current, bytes) else str(current)
     have = set(flags)
@@ -95,19 +103,27 @@ async def ensure_keyspace_events(redis: Redis, allowed_to_configure: bool, *, re
     missing = [f for f in REQUIRED_KEYSPACE_FLAGS if f not in have]
     if not missing:
         return True
+    where = f" on {node}" if node else ""
     if not allowed_to_configure:
         if report:
-            log.error("Redis notify-keyspace-events=%r lacks %s; live delivery falls back to the sweep",
-                      flags, "".join(missing))
+            log.error("Redis notify-keyspace-events=%r%s lacks %s; live delivery falls back to the sweep",
+                      flags, where, "".join(missing))
         return False
     try:
-        await redis.config_set("notify-keyspace-events", flags + "".join(missing))
+        if node is None:
+            await redis.config_set("notify-keyspace-events", flags + "".join(missing))
+        else:
+            cluster = redis_client.as_cluster(redis)
+            assert cluster is not None
+            await cluster.execute_command("CONFIG", "SET", "notify-keyspace-events", flags + "".join(missing),
+                                          target_nodes=cluster.get_node(node_name=node))
     except RedisError as exc:
         if report:
-            log.error("cannot enable keyspace notifications (%s); live delivery falls back to the sweep", exc)
+            log.error("cannot enable keyspace notifications%s (%s); live delivery falls back to the sweep",
+                      where, exc)
         return False
     if not report:
-        log.warning("keyspace notifications were off (Redis restarted?): turned back on")
+        log.warning("keyspace notifications were off%s (Redis restarted or failed over?): turned back on", where)
     return True
 
 
@@ -142,9 +158,8 @@ class App:
 
     async def start(self) -> None:
         url = await self._redis_url()
-        self.redis = await connect_redis(url, self.config.redis.socket_timeout_s)
-        db = int(self.redis.connection_pool.connection_kwargs.get("db", 0) or 0)
-        self.keys = Keys(self.config.redis.key_prefix, db)
+        self.redis = await connect_redis(url, self.config.redis.socket_timeout_s, cluster=self.config.redis.is_cluster)
+        self.keys = Keys(self.config.redis.key_prefix, redis_client.database(self.redis))
         await ensure_keyspace_events(self.redis, self.config.redis.configure_keyspace_events)
         scripts = Scripts(self.redis)
         await scripts.load()
@@ -231,7 +246,7 @@ class App:
         cfg = self.config.redis
         if cfg.embedded == "always":
             return await self._start_embedded()
-        if cfg.embedded == "auto" and not self.config.redis_url_explicit:
+        if cfg.embedded == "auto" and not self.config.redis_url_explicit and not cfg.is_cluster:
             probe = Redis.from_url(cfg.url, socket_connect_timeout=1)
             try:
                 await probe.ping()

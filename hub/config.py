@@ -80,6 +80,8 @@ class ServerConfig:
 @dataclass(frozen=True)
 class RedisConfig:
     url: str = "redis://127.0.0.1:6379/0"
+    # The url names a Redis Cluster (seed nodes; a redis+cluster:// url says so by itself).
+    cluster: bool = False
     key_prefix: str = "hub:"
     # Turn on the keyspace notifications that wake the relay (CONFIG SET), if they are off.
     configure_keyspace_events: bool = True
@@ -91,6 +93,11 @@ class RedisConfig:
     # stalls or a network that silently drops packets turns into errors and reconnects instead of hanging the
     # node. The relay's subscription connection is pinged after this much silence and re-made without a pong.
     socket_timeout_s: float = 5.0
+
+    @property
+    def is_cluster(self) -> bool:
+        """Whether the url names a Redis Cluster (by its scheme or the cluster setting)."""
+        return self.cluster or self.url.startswith(("redis+cluster://", "rediss+cluster://"))
 
 
 @dataclass(frozen=True)
@@ -245,8 +252,12 @@ class Config:
         for name in ("ping_interval_s", "ping_timeout_s", "connection_timeout_s", "slow_close_grace_s",
                      "drain_timeout_s"):
             _check(getattr(self.server, name) > 0, f"server.{name}", "must be positive")
-        _check(self.redis.url.startswith(("redis://", "rediss://", "unix://")), "redis.url",
-               "must start with redis://, rediss:// or unix://")
+        _check(self.redis.url.startswith(("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")),
+               "redis.url", "must start with redis://, rediss://, unix://, redis+cluster:// or rediss+cluster://")
+        _check(not (self.redis.cluster and self.redis.url.startswith("unix://")), "redis.cluster",
+               "a Redis Cluster is reached over TCP, not unix://")
+        _check(not (self.redis.is_cluster and self.redis.embedded == "always"), "redis.embedded",
+               "cannot be always with a Redis Cluster")
         _check(bool(self.redis.key_prefix) and "{" not in self.redis.key_prefix, "redis.key_prefix",
                "must be non-empty and contain no '{'")
         _check(self.redis.embedded in ("auto", "always", "never"), "redis.embedded",

@@ -17,6 +17,8 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import NoScriptError
 
+from hub.redis_client import load_scripts
+
 SCRIPTS_DIR = Path(__file__).resolve().parent.parent / "scripts" / "lua"
 
 
@@ -52,11 +54,8 @@ class Scripts:
         self.by_name = read_scripts(directory)
 
     async def load(self) -> None:
-        """SCRIPT LOAD every script (idempotent)."""
-        pipe = self.redis.pipeline(transaction=False)
-        for script in self.by_name.values():
-            pipe.script_load(script.source)
-        await pipe.execute()
+        """SCRIPT LOAD every script (idempotent), on every master of a Redis Cluster."""
+        await load_scripts(self.redis, [script.source for script in self.by_name.values()])
 
     async def call(self, name: str, keys: list[str], args: list[Any]) -> Any:
         script = self.by_name[name]
@@ -69,4 +68,5 @@ class Scripts:
     def call_in(self, pipe: Pipeline, name: str, keys: list[str], args: list[Any]) -> None:
         """Queue an EVALSHA on ``pipe``; a NoScriptError result means: load() and retry."""
         script = self.by_name[name]
-        pipe.evalsha(script.sha, len(keys), *keys, *args)
+        # (Not pipe.evalsha: redis-py's cluster pipeline refuses that method, but routes this by the keys.)
+        pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)

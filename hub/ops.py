@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from hub import redis_client
 from hub.keys import Keys
 from hub.notifications import INBOX_PREFIX, ROLE_PREFIX, SYSTEM_ROOM
 from hub.rooms import RoomKind
@@ -177,6 +178,19 @@ class ConsumerStats:
 
 
 @dataclass
+class ShardStats:
+    """One Redis master (the standalone server, or each master of a Redis Cluster)."""
+
+    node: str  # host:port
+    keys: int  # DBSIZE: every key on the shard, the hub's and any other
+    used_memory_bytes: int
+    ops_per_sec: int  # Redis' instantaneous_ops_per_sec
+    commands_processed: int  # since the server started
+    connected_clients: int
+    streams: int  # the hub's room streams held by this shard
+
+
+@dataclass
 class ClusterStats:
     generated_at_ms: int
     redis_version: str
@@ -192,6 +206,7 @@ class ClusterStats:
     dead_letters: list[DeadLetterStats]
     postgres: PostgresStats | None
     consumers: list[ConsumerStats] = field(default_factory=list)
+    shards: list[ShardStats] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -521,7 +536,8 @@ async def collect_stats(redis: Redis, keys: Keys, *, archiver_group: str, pg: An
     failure raises."""
     limits = limits or StatsLimits()
     now_ms = await redis_now_ms(redis)
-    info = await redis.info("server")
+    info = await redis.info("server", target_nodes="random") if redis_client.as_cluster(redis) is not None \
+        else await redis.info("server")
     nodes = await node_stats(redis, keys, now_ms)
     alive = {n.node_id for n in nodes if n.alive}
     registered = {n.node_id for n in nodes}
@@ -589,7 +605,25 @@ async def collect_stats(redis: Redis, keys: Keys, *, archiver_group: str, pg: An
         dead_letters=await dead_letter_stats(redis, keys, now_ms, limits),
         postgres=postgres,
         consumers=await consumer_stats(redis, keys, now_ms, limits),
+        shards=await shard_stats(redis, [s.key for s in streams]),
     )
+
+
+async def shard_stats(redis: Redis, stream_keys: list[str]) -> list[ShardStats]:
+    """Keys, memory, load and the hub's streams of each master (INFO and DBSIZE on each)."""
+    infos = await redis_client.on_each_master(redis, "INFO")
+    sizes = await redis_client.on_each_master(redis, "DBSIZE")
+    cluster = redis_client.as_cluster(redis)
+    streams: dict[str, int] = {}
+    for key in stream_keys:
+        owner = cluster.get_node_from_key(key) if cluster is not None else None
+        name = owner.name if owner is not None else next(iter(infos))
+        streams[name] = streams.get(name, 0) + 1
+    return [ShardStats(node=name, keys=int(sizes.get(name) or 0), used_memory_bytes=int(info.get("used_memory", 0)),
+                       ops_per_sec=int(info.get("instantaneous_ops_per_sec", 0)),
+                       commands_processed=int(info.get("total_commands_processed", 0)),
+                       connected_clients=int(info.get("connected_clients", 0)), streams=streams.get(name, 0))
+            for name, info in sorted(infos.items())]
 
 
 async def consumer_stats(redis: Redis, keys: Keys, now_ms: int, limits: StatsLimits) -> list[ConsumerStats]:
@@ -695,11 +729,11 @@ async def check_postgres(url: str, schema: str, schema_is_current: Callable[[Any
 
 
 async def run_checks(redis_url: str, pg_url: str, pg_schema: str,
-                     schema_is_current: Callable[[Any], Awaitable[bool]]) -> list[Check]:
+                     schema_is_current: Callable[[Any], Awaitable[bool]], *, cluster: bool = False) -> list[Check]:
     """Redis reachable, keyspace notifications on, Lua scripts loaded, PostgreSQL reachable, schema
     current. Never raises for an unreachable server: that is a failed check."""
     checks: list[Check] = []
-    redis = Redis.from_url(redis_url, decode_responses=False, socket_connect_timeout=3, socket_timeout=5)
+    redis = redis_client.connect(redis_url, cluster=cluster, connect_timeout_s=3, socket_timeout_s=5)
     try:
         checks.append(await check_redis(redis, redis_url))
         if checks[-1].ok:

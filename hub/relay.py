@@ -29,15 +29,16 @@ from typing import Any
 
 import msgpack
 from redis.asyncio import Redis
-from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError, ResponseError
 
 from hub.config import RelayConfig
 from hub.keys import Keys
 from hub.notifications import INBOX_PREFIX, Inbox
 from hub.protocol import Delivery, Opener, StreamId, entry_to_delivery, format_stream_id, parse_stream_id
+from hub.redis_client import xreadgroup_many
 from hub.registry import Registry
 from hub.streams import Streams
+from hub.subscriptions import Subscriptions
 from hub.tasks import cancel_and_wait
 
 log = logging.getLogger("hub.relay")
@@ -49,7 +50,8 @@ class Relay:
                  opener: Opener | None = None, *, silence_s: float = 5.0) -> None:
         self._redis = redis
         # A subscription connection silent this long is pinged; without a pong within as long again it is
-        # re-made (a black-holed connection never errors by itself: it just stops delivering wake-ups).
+        # re-made (a black-holed connection never errors by itself: it just stops delivering wake-ups). With
+        # Redis Cluster each master's connection is probed on its own (see hub.subscriptions).
         self._silence_s = silence_s
         self._streams = streams
         self._keys = keys
@@ -78,8 +80,9 @@ class Relay:
         self._reading: set[str] = set()
         self._reread: set[str] = set()
         self._wake = asyncio.Event()
-        # The subscription connection (keyspace notifications + control channel); made in start().
-        self._pubsub: PubSub | None = None
+        # The subscription connections (keyspace notifications + control channel): one, or one per cluster
+        # master; made in start().
+        self._pubsub: Subscriptions | None = None
         # keyspace channel -> (room, what): "s" for the stream, "acl" for the grant set.
         self._channels: dict[str, tuple[str, str]] = {}
         # Subscribe confirmations we wait for, per channel, in the order we asked.
@@ -100,8 +103,9 @@ class Relay:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        self._pubsub = self._redis.pubsub()
-        # The first subscription creates the connection that listen() reads from.
+        # Lost notifications (a reconnect, a failover) wake every active room.
+        self._pubsub = Subscriptions(self._redis, self._dispatch, on_gap=self._wake_all, silence_s=self._silence_s,
+                                     name="relay")
         await self._pubsub.subscribe(self._keys.control_channel())
         # Every connection reads its user's inbox: two patterns cover all of them, so a connect
         # costs no SUBSCRIBE round trip and the node keeps no channel per user.
@@ -109,15 +113,16 @@ class Relay:
 
     async def run(self) -> None:
         """Run the read loop, the subscription listener and the sweep until cancelled."""
+        assert self._pubsub is not None
         async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(self._listen())
+            tasks.create_task(self._pubsub.run())
             tasks.create_task(self._read_loop())
             tasks.create_task(self._sweep())
 
     async def close(self) -> None:
         await cancel_and_wait(list(self._acl_tasks))
         if self._pubsub is not None:
-            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+            await self._pubsub.aclose()
 
     # ------------------------------------------------------------------ activation
 
@@ -214,43 +219,6 @@ class Relay:
         self._unread[room] = self._unread.get(room, 0) + 1
         self._dirty.add(room)
         self._wake.set()
-
-    async def _listen(self) -> None:
-        assert self._pubsub is not None
-        pubsub = self._pubsub
-        loop = asyncio.get_running_loop()
-        backoff = 0.05
-        heard_at = loop.time()
-        pinged_at: float | None = None  # when the unanswered PING went out; None when none is
-        while True:
-            try:
-                message = await pubsub.get_message(timeout=self._silence_s / 2)
-                now = loop.time()
-                if message is not None:
-                    heard_at, pinged_at = now, None
-                elif pinged_at is not None and now - pinged_at > self._silence_s:
-                    log.warning("subscription connection silent for %.1fs (no pong); reconnecting", now - heard_at)
-                    # The next get_message() connects again, and redis-py resubscribes every channel.
-                    if pubsub.connection is not None:
-                        await pubsub.connection.disconnect()
-                    heard_at, pinged_at = now, None
-                    self._wake_all()  # notifications sent meanwhile are lost
-                    continue
-                elif pinged_at is None and now - heard_at > self._silence_s:
-                    await pubsub.ping()
-                    pinged_at = now
-            except RedisError as exc:
-                log.warning("subscription connection lost (%s); reconnecting", type(exc).__name__)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
-                heard_at, pinged_at = loop.time(), None
-                # Notifications may have been lost while disconnected.
-                self._wake_all()
-                continue
-            backoff = 0.05
-            if message is None:
-                continue
-            self._dispatch(message)
 
     def _dispatch(self, message: dict[str, Any]) -> None:
         kind = message["type"]
@@ -402,18 +370,17 @@ class Relay:
         if not behind:
             # NOACK: the node's group is only a read cursor (">" reads, never the pending list), so
             # entries are not kept pending and need no XACK round trip after delivery.
-            return await self._redis.xreadgroup(self._group, self._consumer, streams,  # type: ignore[arg-type]
-                                                count=self._config.read_count, noack=True)
+            # (One call per slot on Redis Cluster: every room is its own slot.)
+            return await xreadgroup_many(self._redis, self._group, self._consumer, streams,
+                                         count=self._config.read_count, noack=True)
+        # Rare (a raw XADD, a sweep, a lost wake-up): worth a round trip of its own.
         pipe = self._redis.pipeline(transaction=False)
         for room in behind:
             pipe.xgroup_setid(self._keys.stream(room), self._group, id=format_stream_id(self._delivered_up_to[room]))
-        pipe.xreadgroup(self._group, self._consumer, streams,  # type: ignore[arg-type]
-                        count=self._config.read_count, noack=True)
-        results = await pipe.execute(raise_on_error=False)
+        await pipe.execute(raise_on_error=False)  # a vanished group shows in the read, as NOGROUP
         self._cursor_behind.difference_update(behind)
-        if isinstance(results[-1], Exception):
-            raise results[-1]
-        return results[-1]
+        return await xreadgroup_many(self._redis, self._group, self._consumer, streams,
+                                     count=self._config.read_count, noack=True)
 
     async def _read_rooms(self, rooms: list[str]) -> None:
         try:

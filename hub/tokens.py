@@ -29,6 +29,7 @@ from hub.auth import TokenVerifier, VerifiedToken
 from hub.config import AuthConfig
 from hub.errors import CloseCode
 from hub.keys import Keys
+from hub.redis_client import publish
 
 if TYPE_CHECKING:
     from hub.registry import Registry
@@ -120,11 +121,8 @@ class RevocationStore:
     async def revoke_token(self, jti: str, ttl_s: int = DEFAULT_JTI_TTL_S) -> int:
         """Revoke one token for ``ttl_s`` and announce it. Returns how many nodes heard it."""
         revocation = Revocation(jti=jti)
-        pipe = self._redis.pipeline(transaction=True)
-        pipe.set(self._keys.revoked_token(jti), b"1", ex=ttl_s)
-        pipe.publish(self._keys.control_channel(), revocation.encode())
-        replies = await pipe.execute()
-        return int(replies[-1])
+        await self._redis.set(self._keys.revoked_token(jti), b"1", ex=ttl_s)
+        return await self._announce(revocation)
 
     async def revoke_user(self, user_id: str, at_ms: int | None = None, ttl_s: int | None = None) -> int:
         """Revoke every token of ``user_id`` issued before ``at_ms`` (default: now) and announce it.
@@ -132,11 +130,13 @@ class RevocationStore:
         nodes heard it."""
         before_ms = int(time.time() * 1000) if at_ms is None else at_ms
         revocation = Revocation(user_id=user_id, before_ms=before_ms)
-        pipe = self._redis.pipeline(transaction=True)
-        pipe.set(self._keys.revoked_user(user_id), str(before_ms), ex=ttl_s)
-        pipe.publish(self._keys.control_channel(), revocation.encode())
-        replies = await pipe.execute()
-        return int(replies[-1])
+        await self._redis.set(self._keys.revoked_user(user_id), str(before_ms), ex=ttl_s)
+        return await self._announce(revocation)
+
+    async def _announce(self, revocation: Revocation) -> int:
+        """Tell every node, after the revocation is stored (a node that hears it, or a handshake that checks,
+        finds it). Not one MULTI with the write: a Redis Cluster refuses PUBLISH in a transaction."""
+        return await publish(self._redis, self._keys.control_channel(), revocation.encode())
 
 
 class RevocationWatch:

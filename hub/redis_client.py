@@ -1,0 +1,203 @@
+"""Every Redis client of the hub, the archivers, maintenance and the CLI is built here, for a standalone
+server (``redis://``, ``rediss://``, ``unix://``) or a Redis Cluster (``redis+cluster://host:port[,host:port...]``,
+``rediss+cluster://`` for TLS, or any ``redis://`` URL with ``redis.cluster: true``).
+
+A cluster client is a redis-py :class:`~redis.asyncio.cluster.RedisCluster`. It speaks the same commands as the
+standalone :class:`~redis.asyncio.Redis` the rest of the code is typed with (keyed commands are routed to the
+slot's master, MOVED and failovers are followed), so it is handed around as a ``Redis``; the few places where
+the two differ go through the helpers below: commands every master (or every node) must run (CONFIG SET of
+keyspace events, SCRIPT LOAD, INFO per shard), PUBLISH routing, and the database number.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any, cast
+from urllib.parse import unquote, urlsplit
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+
+
+class HubRedisCluster(RedisCluster):
+    """A RedisCluster that remembers how its nodes are reached (credentials, TLS, timeouts), so per-node
+    pub/sub connections (see :mod:`hub.subscriptions`) are made the same way."""
+
+    node_options: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ClusterAddress:
+    nodes: tuple[tuple[str, int], ...]
+    username: str | None
+    password: str | None
+    tls: bool
+
+
+def is_cluster_url(url: str) -> bool:
+    return url.split("://", 1)[0].lower() in CLUSTER_SCHEMES
+
+
+def parse_cluster_url(url: str) -> ClusterAddress:
+    """``redis+cluster://[user:password@]host:port[,host:port...][/0]``; a plain ``redis://`` or ``rediss://``
+    URL names one seed node."""
+    scheme, _, rest = url.partition("://")
+    netloc = rest.split("/", 1)[0]
+    credentials, _, hosts = netloc.rpartition("@")
+    username = password = None
+    if credentials:
+        user, _, secret = credentials.partition(":")
+        username, password = (unquote(user) or None), (unquote(secret) or None)
+    nodes = []
+    for part in hosts.split(","):
+        parsed = urlsplit(f"//{part}")
+        if not parsed.hostname:
+            raise ValueError(f"no host in cluster seed {part!r}")
+        nodes.append((parsed.hostname, parsed.port or 6379))
+    database = rest.split("/", 1)[1] if "/" in rest else ""
+    if database.strip("/") not in ("", "0"):
+        raise ValueError("a Redis Cluster has only database 0")
+    return ClusterAddress(tuple(nodes), username, password, scheme.lower().startswith("rediss"))
+
+
+def connect(url: str, *, cluster: bool = False, socket_timeout_s: float | None = None,
+            connect_timeout_s: float = 5.0, pool_size: int | None = None, pool_wait_s: float | None = None) -> Redis:
+    """A client for ``url``. With ``pool_size`` a standalone client waits up to ``pool_wait_s`` for a free
+    connection instead of failing (a cluster client holds ``pool_size`` connections per node)."""
+    if cluster or is_cluster_url(url):
+        return _connect_cluster(parse_cluster_url(url), socket_timeout_s, connect_timeout_s, pool_size)
+    options: dict[str, Any] = {"decode_responses": False, "socket_connect_timeout": connect_timeout_s,
+                               "socket_timeout": socket_timeout_s}
+    if not url.startswith("unix://"):
+        options["socket_keepalive"] = True  # TCP only: redis-py refuses it on Unix sockets
+    if pool_size is None:
+        return Redis.from_url(url, **options)
+    pool = BlockingConnectionPool.from_url(url, max_connections=pool_size, timeout=pool_wait_s, **options)
+    return Redis.from_pool(pool)
+
+
+def _connect_cluster(address: ClusterAddress, socket_timeout_s: float | None, connect_timeout_s: float,
+                     pool_size: int | None) -> Redis:
+    node_options: dict[str, Any] = {"username": address.username, "password": address.password,
+                                    "socket_connect_timeout": connect_timeout_s, "socket_keepalive": True}
+    if address.tls:
+        node_options["ssl"] = True
+    client = HubRedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in address.nodes],
+        decode_responses=False, socket_timeout=socket_timeout_s, max_connections=pool_size or 100,
+        **node_options)
+    client.node_options = node_options
+    # The rest of the code is typed against the standalone client: see the module's docstring.
+    return cast(Redis, client)
+
+
+def as_cluster(redis: Redis) -> RedisCluster | None:
+    """The cluster client behind ``redis``, or None for a standalone server."""
+    return cast(RedisCluster, redis) if isinstance(redis, RedisCluster) else None
+
+
+def database(redis: Redis) -> int:
+    """The database number the client uses (keyspace channels name it); a cluster has only 0."""
+    if as_cluster(redis) is not None:
+        return 0
+    return int(redis.connection_pool.connection_kwargs.get("db", 0) or 0)
+
+
+async def initialize(redis: Redis) -> None:
+    """Connect now (a cluster client learns its slot map), so a bad address fails at start."""
+    cluster = as_cluster(redis)
+    if cluster is not None:
+        await cluster.initialize()
+
+
+def node_name(redis: Redis) -> str:
+    """host:port of a standalone client (its socket path for unix://)."""
+    kwargs = redis.connection_pool.connection_kwargs
+    if kwargs.get("path"):
+        return str(kwargs["path"])
+    return f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
+
+
+async def on_each_master(redis: Redis, *command: Any, replicas: bool = False) -> dict[str, Any]:
+    """Run ``command`` on every master (and every replica with ``replicas``): the standalone server alone, or
+    each node of a cluster. Returns the replies by node ("host:port"); a node's error is raised."""
+    cluster = as_cluster(redis)
+    if cluster is None:
+        return {node_name(redis): await redis.execute_command(*command)}  # type: ignore[no-untyped-call]
+    nodes = cluster.get_nodes() if replicas else cluster.get_primaries()
+    replies = await asyncio.gather(*(cluster.execute_command(*command, target_nodes=node) for node in nodes))
+    return {node.name: reply for node, reply in zip(nodes, replies, strict=True)}
+
+
+async def publish(redis: Redis, channel: str, message: bytes | str) -> int:
+    """PUBLISH ``message``; returns how many subscribers got it. In a cluster a PUBLISH reaches every node
+    (over the cluster bus) but counts only the subscribers of the node that ran it, so it is sent to the node
+    owning the channel's slot, where the hub subscribes (see :mod:`hub.subscriptions`)."""
+    cluster = as_cluster(redis)
+    if cluster is None:
+        return int(await redis.publish(channel, message))
+    owner = cluster.get_node_from_key(channel)
+    return int(await cluster.execute_command("PUBLISH", channel, message, target_nodes=owner))
+
+
+async def publish_many(redis: Redis, channel: str, messages: list[bytes]) -> list[int]:
+    """PUBLISH each message on ``channel`` in one pipelined round trip (routed as :func:`publish` does)."""
+    cluster = as_cluster(redis)
+    pipe = redis.pipeline(transaction=False)
+    for message in messages:
+        if cluster is None:
+            pipe.publish(channel, message)
+        else:  # (redis-py's cluster pipeline refuses pipe.publish)
+            pipe.execute_command("PUBLISH", channel, message, target_nodes=cluster.get_node_from_key(channel))
+    return [int(count) for count in await pipe.execute()]
+
+
+async def load_scripts(redis: Redis, sources: list[str]) -> None:
+    """SCRIPT LOAD every source on the server, or on every master of a cluster (one pipelined round trip per
+    node). A replica promoted later has not got them: EVALSHA then answers NOSCRIPT and callers load again."""
+    cluster = as_cluster(redis)
+    pipe = redis.pipeline(transaction=False)
+    targets: list[Any] = cluster.get_primaries() if cluster is not None else [None]
+    for node in targets:
+        for source in sources:
+            if node is None:
+                pipe.script_load(source)
+            else:
+                pipe.execute_command("SCRIPT LOAD", source, target_nodes=node)
+    await pipe.execute()
+
+
+async def xreadgroup_many(redis: Redis, group: str, consumer: str, streams: dict[str, str], *,
+                          count: int | None = None, noack: bool = False) -> list[Any]:
+    """XREADGROUP over many streams: one call to a standalone server; in a cluster, where one command may only
+    name keys of one slot (every room is its own slot), one call per slot, pipelined (redis-py sends each
+    node's share at once). Returns [key, entries] pairs (RESP2 shape, or the RESP3 dict's items); the first
+    error (NOGROUP: a stream vanished) is raised as one call would raise it."""
+    cluster = as_cluster(redis)
+    if cluster is None or len(streams) <= 1:
+        response = await redis.xreadgroup(group, consumer, streams, count=count, noack=noack)  # type: ignore[arg-type]
+        return _pairs(response)
+    by_slot: dict[int, dict[str, str]] = {}
+    for key, position in streams.items():
+        by_slot.setdefault(cluster.keyslot(key), {})[key] = position
+    pipe = redis.pipeline(transaction=False)
+    for part in by_slot.values():
+        pipe.xreadgroup(group, consumer, part, count=count, noack=noack)  # type: ignore[arg-type]
+    replies = await pipe.execute(raise_on_error=False)
+    pairs: list[Any] = []
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+        pairs.extend(_pairs(reply))
+    return pairs
+
+
+def _pairs(response: Any) -> list[Any]:
+    if not response:
+        return []
+    if isinstance(response, dict):
+        return [[key, value[0] if value and isinstance(value[0], list) else value] for key, value in response.items()]
+    return list(response)
