@@ -138,8 +138,10 @@ class Streams:
         keys = [self.keys.stream(room), self.keys.meta(room)]
         if idempotency_id is not None:
             keys.append(self.keys.idempotency(room, sender_id, idempotency_id))
-        sid, _epoch, _dup = await self.scripts.call(
-            "room_publish", keys, [new_epoch(), idempotency_ttl_s, self.keys.events_channel(room), *fields])
+        flags = "i" if idempotency_id is not None else ""
+        sid, _epoch, _dup, _retry = await self.scripts.call(
+            "room_publish", keys,
+            [new_epoch(), idempotency_ttl_s, self.keys.events_channel(room), flags, 0, 0, *fields])
         return str(sid.decode())
 
     async def remember_join(self, user_id: str, room: str) -> None:
@@ -189,10 +191,19 @@ class PublishResult:
 
 @dataclass
 class _Request:
-    keys: list[str]
-    args: list[Any]
+    keys: list[str]  # stream, meta[, idempotency]
+    args: list[Any]  # epoch, idempotency TTL, announcement channel
+    fields: list[bytes | str]
     future: asyncio.Future[PublishResult]
     rate: RateCheck | None = None
+
+    def script_call(self, with_rate: bool) -> tuple[list[str], list[Any]]:
+        """room_publish.lua's KEYS and ARGV, with the rate check inside the script or not."""
+        flags = "i" if len(self.keys) > 2 else ""
+        if with_rate and self.rate is not None:
+            interval_us, burst = self.rate.args[0], self.rate.args[1]
+            return [*self.keys, self.rate.key], [*self.args, flags + "r", interval_us, burst, *self.fields]
+        return self.keys, [*self.args, flags, 0, 0, *self.fields]
 
 
 class Publisher:
@@ -204,8 +215,11 @@ class Publisher:
 
     MAX_BATCH = 512
 
-    def __init__(self, streams: Streams, idempotency_ttl_s: int) -> None:
+    def __init__(self, streams: Streams, idempotency_ttl_s: int, *, rate_in_script: bool = True) -> None:
         self._streams = streams
+        # On a single Redis the sender's rate check runs inside room_publish.lua (one round trip per
+        # batch); on a cluster the rate key lives in another slot, so rate_gcra.lua runs first.
+        self._rate_in_script = rate_in_script
         self._keys = streams.keys
         self._ttl_s = idempotency_ttl_s
         self._queue: list[_Request] = []
@@ -220,7 +234,7 @@ class Publisher:
         if client_msg_id is not None:
             keys.append(self._keys.idempotency(room, sender_id, client_msg_id))
         future: asyncio.Future[PublishResult] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Request(keys, [new_epoch(), self._ttl_s, self._keys.events_channel(room), *fields],
+        self._queue.append(_Request(keys, [new_epoch(), self._ttl_s, self._keys.events_channel(room)], fields,
                                     future, rate))
         self._wake.set()
         return future
@@ -276,14 +290,16 @@ class Publisher:
         return [req for req in batch if id(req) not in refused]
 
     async def _send(self, batch: list[_Request]) -> None:
-        batch = await self._check_rates(batch)
-        if not batch:
-            return
+        with_rate = self._rate_in_script
+        if not with_rate:
+            batch = await self._check_rates(batch)
+            if not batch:
+                return
         scripts = self._streams.scripts
         for attempt in (1, 2):
             pipe = self._streams.redis.pipeline(transaction=False)
             for req in batch:
-                scripts.call_in(pipe, "room_publish", req.keys, req.args)
+                scripts.call_in(pipe, "room_publish", *req.script_call(with_rate))
             try:
                 results = await pipe.execute(raise_on_error=False)
             except RedisError as exc:
@@ -302,8 +318,10 @@ class Publisher:
                 elif isinstance(result, Exception):
                     log.warning("publish failed: %s", result)
                     req.future.set_exception(Unavailable(_refusal_message(result)))
+                elif not result[0]:  # refused by the rate check inside the script: nothing stored
+                    req.future.set_exception(RateLimited("too many messages; nothing was stored", int(result[3])))
                 else:
-                    sid, epoch, duplicate = result
+                    sid, epoch, duplicate, _retry = result
                     req.future.set_result(PublishResult(sid.decode(), epoch.decode(), bool(duplicate)))
             if not retry:
                 return

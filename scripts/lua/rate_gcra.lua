@@ -24,39 +24,10 @@ if redis.replicate_commands then
   redis.replicate_commands()
 end
 
-local interval_us = tonumber(ARGV[1])
-local burst = tonumber(ARGV[2])
-local cost = tonumber(ARGV[3] or '1')
-if not interval_us or interval_us < 1 or not burst or burst < 1 or not cost or cost < 0 then
+--! include gcra
+
+local decision = gcra(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3] or '1'))
+if not decision then
   return redis.error_reply('ERR rate_gcra: bad arguments')
 end
-
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
-local tat = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
-if tat < now then
-  tat = now
-end
-local tolerance = burst * interval_us
-
-local function remaining_at(t)
-  -- Cells spendable at `now` if the TAT were t; below 0 only after the burst was lowered.
-  return math.max(0, math.floor((now + tolerance - t) / interval_us))
-end
-
-if cost > burst then
-  return {0, -1, remaining_at(tat)}
-end
-
-local new_tat = tat + cost * interval_us
-local allow_at = new_tat - tolerance
-if allow_at > now then
-  return {0, math.ceil((allow_at - now) / 1000), remaining_at(tat)}
-end
-
-if cost > 0 then
-  -- %.0f: a plain number would be formatted with 14 significant digits and lose microseconds.
-  redis.call('SET', KEYS[1], string.format('%.0f', new_tat),
-             'PX', string.format('%.0f', math.ceil((new_tat - now) / 1000)))
-end
-return {1, 0, remaining_at(new_tat)}
+return decision
