@@ -67,8 +67,11 @@ class Relay:
         self._inbox = Inbox(streams.scripts, keys)
         # Rooms whose group exists and whose notifications we receive.
         self.active: set[str] = set()
-        # Rooms to read on the next turn of the read loop.
+        # Rooms to read on the next turn of the read loop: those with unread entries (see _unread).
         self._dirty: set[str] = set()
+        # The read loop is woken once per event-loop turn at most, after the subscription's buffered
+        # messages were dispatched: by then most wake-ups were matched by their announcements.
+        self._kick_scheduled = False
         # Per room: wake-ups (keyspace notifications, sweeps) not matched by an announced entry yet.
         # A room is read only while this is above zero.
         self._unread: dict[str, int] = {}
@@ -218,7 +221,14 @@ class Relay:
         """Count one unread entry in ``room`` (or one read to do) and get the read loop going."""
         self._unread[room] = self._unread.get(room, 0) + 1
         self._dirty.add(room)
-        self._wake.set()
+        if not self._kick_scheduled:
+            self._kick_scheduled = True
+            asyncio.get_running_loop().call_soon(self._kick)
+
+    def _kick(self) -> None:
+        self._kick_scheduled = False
+        if self._dirty:
+            self._wake.set()
 
     def _dispatch(self, message: dict[str, Any]) -> None:
         kind = message["type"]
@@ -276,6 +286,8 @@ class Relay:
         if unread > 0:
             unread -= 1  # this entry's own keyspace notification, which came just before
             self._unread[room] = unread
+            if unread == 0:
+                self._dirty.discard(room)
         if room in self._reading:
             self._reread.add(room)  # the read in flight may or may not include it
             return
