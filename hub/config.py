@@ -62,6 +62,8 @@ class ServerConfig:
     trusted_proxies: tuple[str, ...] = ()
     # A connection whose unsent bytes exceed this is closed with 4008 "slow".
     outbox_limit_bytes: int = 1_048_576
+    # Outgoing frames are collected this long and written together (0: at the end of each loop turn).
+    write_delay_ms: float = 0.0
     # After the slow close frame is queued, the TCP connection is aborted after this long.
     slow_close_grace_s: float = 5.0
     # On SIGTERM, how long clients get to finish the close handshake before the node exits.
@@ -252,6 +254,7 @@ class Config:
         for name in ("ping_interval_s", "ping_timeout_s", "connection_timeout_s", "slow_close_grace_s",
                      "drain_timeout_s"):
             _check(getattr(self.server, name) > 0, f"server.{name}", "must be positive")
+        _check(0 <= self.server.write_delay_ms <= 1000, "server.write_delay_ms", "must be 0..1000")
         _check(self.redis.url.startswith(("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")),
                "redis.url", "must start with redis://, rediss://, unix://, redis+cluster:// or rediss+cluster://")
         _check(not (self.redis.cluster and self.redis.url.startswith("unix://")), "redis.cluster",

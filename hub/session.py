@@ -77,18 +77,26 @@ class HubConnection(ServerConnection):
 
 
 class Outbox:
-    """Writes every session's pending frames once per event-loop turn."""
+    """Writes every session's pending frames once per event-loop turn, or, with a write delay, once
+    per delay window (server.write_delay_ms): frames due to one connection within it share one write."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, write_delay_s: float = 0.0) -> None:
         self._loop = loop
         self._dirty: list[Session] = []
         self._scheduled = False
+        self._write_delay_s = write_delay_s
+        # Transport writes made, and frames they carried (for metrics and tests).
+        self.writes = 0
+        self.frames = 0
 
     def mark(self, session: Session) -> None:
         self._dirty.append(session)
         if not self._scheduled:
             self._scheduled = True
-            self._loop.call_soon(self._flush)
+            if self._write_delay_s > 0:
+                self._loop.call_later(self._write_delay_s, self._flush)
+            else:
+                self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._scheduled = False
@@ -166,11 +174,14 @@ class Session:
         self._dirty = False
         if not self._pending:
             return
-        data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
+        count = len(self._pending)
+        data = self._pending[0] if count == 1 else b"".join(self._pending)
         self._pending.clear()
         if self.closing or self.connection.protocol.state is not State.OPEN:
             return
         self._transport.write(data)
+        self._outbox.writes += 1
+        self._outbox.frames += count
         if self._transport.get_write_buffer_size() > self.node.config.server.outbox_limit_bytes:
             self.node.metrics.slow_disconnects += 1
             log.info("closing slow connection %s (user %s)", self.id, self.user_id)
