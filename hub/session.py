@@ -13,10 +13,11 @@ before the deadline (the token's exp plus ``auth.leeway_s``) and another closes 
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
@@ -70,10 +71,29 @@ class HubConnection(ServerConnection):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self.last_data_at = self.loop.time()
+        # Like drain_waiters: the received-frame queue (made here by websockets) is a deque, ~760
+        # bytes even when empty.
+        frames = self.recv_messages.frames
+        if isinstance(frames.queue, collections.deque):
+            frames.queue = _FrameQueue()  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
         self.last_data_at = self.loop.time()
         super().data_received(data)
+
+
+class _FrameQueue(list[Any]):
+    """The deque operations websockets' received-frame queue uses (append, popleft, extendleft, len),
+    on a list: it rarely holds more than one frame, and an empty list is 56 bytes."""
+
+    __slots__ = ()
+
+    def popleft(self) -> Any:
+        return self.pop(0)
+
+    def extendleft(self, items: Iterable[Any]) -> None:
+        for item in items:
+            self.insert(0, item)
 
 
 class Outbox:
@@ -111,9 +131,28 @@ class Outbox:
 class Session:
     """State of one connection, from after the handshake until it closes."""
 
-    __slots__ = ("_abort_handle", "_dirty", "_expiry_due", "_expiry_warned", "_outbox", "_pending", "_transport",
-                 "auto_away", "closing", "connection", "guard", "id", "inflight", "last_frame_at", "node", "principal",
-                 "rooms", "status", "token", "user_id")
+    __slots__ = (
+        "_abort_handle",
+        "_dirty",
+        "_expiry_due",
+        "_expiry_warned",
+        "_inflight",
+        "_outbox",
+        "_pending",
+        "_transport",
+        "auto_away",
+        "closing",
+        "connection",
+        "guard",
+        "id",
+        "last_frame_at",
+        "node",
+        "principal",
+        "rooms",
+        "status",
+        "token",
+        "user_id",
+    )
 
     def __init__(self, connection: HubConnection, node: Node, outbox: Outbox, guard: TokenGuard) -> None:
         assert connection.verified is not None
@@ -141,8 +180,8 @@ class Session:
         # auto_away is True, which the next frame undoes).
         self.status = "online"
         self.auto_away = False
-        # Publishes in flight; the read loop waits when the client has too many.
-        self.inflight = asyncio.Semaphore(node.config.server.max_inflight_publishes)
+        # Made on the first publish (see the inflight property).
+        self._inflight: asyncio.Semaphore | None = None
         # The token's next deadline (event-loop time) on the node's heap: the token_expiring warning,
         # then the close. Set once the session serves, replaced by a refresh, None when cancelled.
         self._expiry_due: float | None = None
@@ -326,6 +365,14 @@ class Session:
             return
         self.guard.audit.record(event, who=self.user_id, ip=self.connection.client_ip, what=room,
                                 request=exc.request_type)
+
+    @property
+    def inflight(self) -> asyncio.Semaphore:
+        """Publishes in flight; the read loop waits when the client has too many. Made on the first
+        publish (most connections never publish)."""
+        if self._inflight is None:
+            self._inflight = asyncio.Semaphore(self.node.config.server.max_inflight_publishes)
+        return self._inflight
 
     def after_publish(self, callback: PublishCallback) -> PublishCallback:
         """Wrap a publish completion callback so it frees the in-flight slot first."""

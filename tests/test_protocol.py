@@ -602,3 +602,14 @@ async def test_burst_of_mixed_garbage_is_answered_in_order(node: App) -> None:
             assert "request_id" not in frame, (i, frame)
     await assert_still_serving(client)
     assert node.node is not None and node.node.metrics.frames_received >= 500
+
+
+async def test_a_fragmented_message_is_reassembled_and_handled(node: App) -> None:
+    """A chat message sent as three WebSocket fragments (continuation frames) is one message."""
+    client = await connect(url_of(node), "frag")
+    await client.join("channel_fragments")
+    frame = orjson.dumps({"type": "chat_message", "room": "channel_fragments", "content": "in three parts"}).decode()
+    await client.ws.send([frame[:10], frame[10:25], frame[25:]])
+    ack = await client.expect("ack")
+    echo = await client.expect("chat_message")
+    assert echo["content"] == "in three parts" and echo["id"] == ack["id"]
