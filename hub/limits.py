@@ -24,7 +24,7 @@ class RateCheck:
     fail_open: bool
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Lease:
     """A connection's two slots: one under its IP, one under its user."""
 
