@@ -33,6 +33,8 @@ from hub.redis_client import HubRedisCluster, as_cluster, node_name
 from hub.tasks import cancel_and_wait
 
 log = logging.getLogger("hub.subscriptions")
+# Buffered messages dispatched in one go before the next timed read (which also runs the silence probe).
+DRAIN_MAX = 1000
 
 Handler = Callable[[dict[str, Any]], None]
 
@@ -275,6 +277,25 @@ class Subscriptions:
                 heard_at, pinged_at = loop.time(), None
                 continue
             backoff = 0.05
+            if message is not None:
+                self._handler(message)
+                try:
+                    await self._drain(pubsub)
+                except (RedisError, OSError) as exc:
+                    log.warning("%s: subscription connection to %s lost (%s); reconnecting", self._name, link.name,
+                                type(exc).__name__)
+                    self._after_error()
+                    heard_at, pinged_at = loop.time(), None
+
+    async def _drain(self, pubsub: Any) -> None:
+        """Dispatch the messages already received, without a timer each: a timed read (get_message with a
+        timeout) wraps every message in an asyncio.timeout, a timer scheduled and cancelled per message (two
+        messages per published entry: its keyspace notification and its announcement)."""
+        for _ in range(DRAIN_MAX):
+            conn = pubsub.connection
+            if conn is None or not await conn.can_read():
+                return
+            message = await pubsub.get_message(timeout=None)  # data is there: returns at once, untimed
             if message is not None:
                 self._handler(message)
 
