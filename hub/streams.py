@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import msgpack
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
@@ -141,7 +142,7 @@ class Streams:
         flags = "i" if idempotency_id is not None else ""
         sid, _epoch, _dup, _retry = await self.scripts.call(
             "room_publish", keys,
-            [new_epoch(), idempotency_ttl_s, self.keys.events_channel(room), flags, 0, 0, *fields])
+            [new_epoch(), idempotency_ttl_s, self.keys.events_channel(room), flags, 0, 0, pack_fields(fields)])
         return str(sid.decode())
 
     async def remember_join(self, user_id: str, room: str) -> None:
@@ -189,11 +190,17 @@ class PublishResult:
     duplicate: bool
 
 
+def pack_fields(fields: Sequence[bytes | str]) -> bytes:
+    """An entry's field/value list as room_publish.lua takes it (msgpack; str as UTF-8)."""
+    packed: bytes = msgpack.packb(list(fields), use_bin_type=False)
+    return packed
+
+
 @dataclass
 class _Request:
     keys: list[str]  # stream, meta[, idempotency]
     args: list[Any]  # epoch, idempotency TTL, announcement channel
-    fields: list[bytes | str]
+    packed: bytes  # the entry's fields, for room_publish.lua
     future: asyncio.Future[PublishResult]
     rate: RateCheck | None = None
 
@@ -202,8 +209,8 @@ class _Request:
         flags = "i" if len(self.keys) > 2 else ""
         if with_rate and self.rate is not None:
             interval_us, burst = self.rate.args[0], self.rate.args[1]
-            return [*self.keys, self.rate.key], [*self.args, flags + "r", interval_us, burst, *self.fields]
-        return self.keys, [*self.args, flags, 0, 0, *self.fields]
+            return [*self.keys, self.rate.key], [*self.args, flags + "r", interval_us, burst, self.packed]
+        return self.keys, [*self.args, flags, 0, 0, self.packed]
 
 
 class Publisher:
@@ -234,8 +241,8 @@ class Publisher:
         if client_msg_id is not None:
             keys.append(self._keys.idempotency(room, sender_id, client_msg_id))
         future: asyncio.Future[PublishResult] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Request(keys, [new_epoch(), self._ttl_s, self._keys.events_channel(room)], fields,
-                                    future, rate))
+        self._queue.append(_Request(keys, [new_epoch(), self._ttl_s, self._keys.events_channel(room)],
+                                    pack_fields(fields), future, rate))
         self._wake.set()
         return future
 
