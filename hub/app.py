@@ -165,7 +165,8 @@ class App:
         await scripts.load()
         streams = Streams(self.redis, scripts, self.keys)
         publisher = Publisher(streams, self.config.rooms.idempotency_ttl_s,
-                              rate_in_script=redis_client.as_cluster(self.redis) is None)
+                              rate_in_script=redis_client.as_cluster(self.redis) is None,
+                              linger_s=self.config.server.publish_linger_ms / 1000)
         self.pool = await self._connect_postgres()
         self.node = Node(self.config, self.node_id, streams, publisher, self.keys, self.pool)
         self.guard = self._token_guard(self.redis, self.node)

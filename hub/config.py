@@ -64,6 +64,9 @@ class ServerConfig:
     outbox_limit_bytes: int = 1_048_576
     # Outgoing frames are collected this long and written together (0: at the end of each loop turn).
     write_delay_ms: float = 0.0
+    # Under load, client messages are sent to Redis at most once per linger, in one pipeline (0: each
+    # loop turn). After a quiet spell a message goes at once.
+    publish_linger_ms: float = 5.0
     # After the slow close frame is queued, the TCP connection is aborted after this long.
     slow_close_grace_s: float = 5.0
     # On SIGTERM, how long clients get to finish the close handshake before the node exits.
@@ -255,6 +258,7 @@ class Config:
                      "drain_timeout_s"):
             _check(getattr(self.server, name) > 0, f"server.{name}", "must be positive")
         _check(0 <= self.server.write_delay_ms <= 1000, "server.write_delay_ms", "must be 0..1000")
+        _check(0 <= self.server.publish_linger_ms <= 1000, "server.publish_linger_ms", "must be 0..1000")
         _check(self.redis.url.startswith(("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")),
                "redis.url", "must start with redis://, rediss://, unix://, redis+cluster:// or rediss+cluster://")
         _check(not (self.redis.cluster and self.redis.url.startswith("unix://")), "redis.cluster",

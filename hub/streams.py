@@ -222,8 +222,14 @@ class Publisher:
 
     MAX_BATCH = 512
 
-    def __init__(self, streams: Streams, idempotency_ttl_s: int, *, rate_in_script: bool = True) -> None:
+    def __init__(self, streams: Streams, idempotency_ttl_s: int, *, rate_in_script: bool = True,
+                 linger_s: float = 0.0) -> None:
         self._streams = streams
+        # Under load, a pipeline goes out at most once per linger: what arrives meanwhile joins it (one
+        # Redis write, one read, one burst of announcements for many messages). A message arriving after a
+        # quiet spell goes out at once.
+        self._linger_s = linger_s
+        self._last_sent = 0.0
         # On a single Redis the sender's rate check runs inside room_publish.lua (one round trip per
         # batch); on a cluster the rate key lives in another slot, so rate_gcra.lua runs first.
         self._rate_in_script = rate_in_script
@@ -251,8 +257,14 @@ class Publisher:
         while True:
             await self._wake.wait()
             self._wake.clear()
+            loop = asyncio.get_running_loop()
+            if self._linger_s > 0:
+                wait_s = self._last_sent + self._linger_s - loop.time()
+                if wait_s > 0:
+                    await asyncio.sleep(wait_s)  # the previous pipeline left just now: let this one fill
             while self._queue:
                 batch, self._queue = self._queue[:self.MAX_BATCH], self._queue[self.MAX_BATCH:]
+                self._last_sent = loop.time()
                 await self._send(batch)
 
     async def _check_rates(self, batch: list[_Request]) -> list[_Request]:
