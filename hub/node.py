@@ -117,7 +117,8 @@ class Node:
         self.typing = TypingIndicators(streams.scripts, keys, config.rooms.typing_ttl_ms)
         self.presence = Presence(streams.scripts, keys, node_id)
         self.inbox = Inbox(streams.scripts, keys)
-        self.limits = Limits(streams.scripts, keys, config.server, node_id, int(config.relay.node_ttl_s * 1000))
+        self.limits = Limits(streams.scripts, keys, config.server, node_id, int(config.relay.node_ttl_s * 1000),
+                             batcher=streams.batcher)
         self.history = History(streams, pool, self.sealer.open)
         self.receipts = Receipts(streams.scripts, keys, pool)
         self.rules = AccessRules(config.rooms.admin_all_rooms, config.rooms.channel_publish_roles)

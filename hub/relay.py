@@ -137,8 +137,7 @@ class Relay:
         self._dirty.discard(room)
         await self._unsubscribe(room)
         try:
-            await self._streams.destroy_group(room, self._group)
-            await self._redis.srem(self._keys.node_rooms(self._group), room)
+            await self._streams.destroy_group(room, self._group, forget_in=self._keys.node_rooms(self._group))
         except RedisError as exc:
             # The group is left behind; maintenance removes groups of rooms this node no longer
             # reads, and activate() moves an old group to the stream's end.
