@@ -152,6 +152,7 @@ class Node:
                 last: StreamId = (0, 0)
                 if room.startswith("inbox:"):
                     position, mark = await self.streams.open_room_and_read_meta(room, DELIVERED_FIELD)
+                    self.relay.start_inbox(room, position.last_id)  # live from here; the replay has the rest
                     since = parse_stream_id(mark.decode()) if mark else (0, 0)
                     if position.last_id > since:  # else nothing arrived while the user was away
                         replay = self._deliveries(room, await self.streams.read_after(room, since, limit))
