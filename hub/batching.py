@@ -76,6 +76,10 @@ class CommandBatcher:
             while self._queue:
                 batch, self._queue = self._queue[:self.MAX_BATCH], self._queue[self.MAX_BATCH:]
                 await self._send(batch)
+                # Let the callers this batch answered run first: most queue their next command at once
+                # (the connect path is a few steps of one or two commands), which then joins the next
+                # batch instead of waiting for the one after it.
+                await asyncio.sleep(0)
         finally:
             self._task = None
 
