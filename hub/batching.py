@@ -24,6 +24,11 @@ from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+try:  # hiredis (redis[hiredis]) packs a command in C, 8x faster than redis-py's Python packer
+    from hiredis import pack_command
+except ImportError:  # pragma: no cover - redis-py's own packer then
+    pack_command = None  # type: ignore[assignment]
+
 if TYPE_CHECKING:
     from hub.lua import Scripts
 
@@ -142,7 +147,8 @@ class CommandBatcher:
         replies: list[Any] = []
         try:
             async with asyncio.timeout(timeout):
-                await connection.send_packed_command(connection.pack_commands(commands))
+                await connection.send_packed_command(_packed(commands) if pack_command is not None
+                                                     else connection.pack_commands(commands))
                 for args in commands:
                     try:
                         reply = await connection.read_response()
@@ -157,3 +163,9 @@ class CommandBatcher:
         finally:
             connection.socket_timeout = timeout
         return replies
+
+
+def _packed(commands: list[tuple[Any, ...]]) -> bytes:
+    """The commands in RESP, as redis-py would pack them (it splits a command name like "XGROUP CREATE")."""
+    assert pack_command is not None
+    return b"".join(pack_command((*args[0].split(), *args[1:]) if " " in args[0] else args) for args in commands)
