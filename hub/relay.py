@@ -38,6 +38,9 @@ from hub.tasks import cancel_and_wait
 
 log = logging.getLogger("hub.relay")
 
+# The position of an empty stream.
+_EMPTY: StreamId = (0, 0)
+
 
 class Relay:
     def __init__(self, redis: Redis, streams: Streams, keys: Keys, registry: Registry, node_id: str,
@@ -153,7 +156,8 @@ class Relay:
         the connection that activated the inbox asked Redis first, so later ones are no older (and members
         filter what their replay had)."""
         if room in self._inbox_cursors and self._inbox_cursors[room] is None:
-            self._inbox_cursors[room] = position
+            # Most inboxes are empty: share one (0, 0) rather than keep a tuple per connected user.
+            self._inbox_cursors[room] = _EMPTY if position == _EMPTY else position
             if room in self._inbox_woken:
                 self._inbox_woken.discard(room)
                 self.wake(room)
