@@ -1,11 +1,12 @@
 """Many callers' small Redis commands sent as one pipeline: one round trip per batch, not per call.
 
 The connect path is a handful of single commands per handshake (the revocation lookup, the connect
-rate, two connection leases, the inbox's room_open and delivered mark, its consumer group). Sent one
-round trip each, they cost a node more CPU than everything else a connect does (redis-py spends
-50-80 µs of CPU per round trip). Through a :class:`CommandBatcher` every command that any connection
-issues while a pipeline is in flight (or in the same event-loop turn) goes out together in the next
-one.
+rate, two connection leases, the inbox's room_open and delivered mark). Sent one round trip each, they
+cost a node more CPU than everything else a connect does (redis-py spends 50-80 µs of CPU per round
+trip). Through a :class:`CommandBatcher` (one per node, hub.streams.Streams.batcher) every command that
+any connection issues while a pipeline is in flight (or in the same event-loop turn, or in the turn after
+a batch answered) goes out together in the next one. Rooms' group creation and removal and the inbox
+reads go through it too.
 
 Guarantees: one pipeline is in flight at a time and commands are sent in call order, so two commands
 one caller issues in order run in that order. Each command is still its own command (or its own
