@@ -221,7 +221,8 @@ class App:
         self.audit.start()
         watch = RevocationWatch(node.registry, self.audit, self.config.server.slow_close_grace_s)
         node.relay.on_control = watch.on_control
-        store = RevocationStore(redis, self.keys, fail_open=self.config.auth.revocation_fail_open)
+        store = RevocationStore(redis, self.keys, fail_open=self.config.auth.revocation_fail_open,
+                                batcher=node.streams.batcher)
         return TokenGuard(self.config.auth, self._verifier, store, watch, self.audit)
 
     async def _connect_postgres(self) -> asyncpg.Pool | None:

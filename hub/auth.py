@@ -11,13 +11,20 @@ a socket. Error messages never contain the token.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
+import hmac
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import jwt
+import orjson
+from jwt.algorithms import HMACAlgorithm
 
 from hub.config import AuthConfig
 from hub.errors import AuthError, ConfigError
@@ -35,6 +42,14 @@ def is_valid_user_id(value: str) -> bool:
 # A kid names a key in Redis-free config only, but keep it printable and short all the same.
 _KID = re.compile(r"[A-Za-z0-9_.-]{1,64}", re.ASCII)
 
+
+# The lean HMAC check (TokenVerifier._verified_hmac): the hashes of the HS* algorithms, a base64url segment
+# without padding, and the only header parameters it accepts (anything else is left to pyjwt).
+_HMAC_HASHES: dict[str, Callable[[], Any]] = {"HS256": hashlib.sha256, "HS384": hashlib.sha384,
+                                              "HS512": hashlib.sha512}
+_SEGMENT = re.compile(r"[A-Za-z0-9_-]+", re.ASCII)
+_PLAIN_HEADER = frozenset({"alg", "typ", "kid"})
+_NOT_HMAC_KEY = object()  # a key pyjwt would refuse as an HMAC secret: the lean check never uses it
 
 # Interned role sets (subsets of KNOWN_ROLES, so few) and the shared empty room set for principals.
 _ROLE_SETS: dict[frozenset[str], frozenset[str]] = {}
@@ -79,7 +94,8 @@ def check_key_material(config: AuthConfig) -> None:
 class TokenVerifier:
     """Verifies tokens against one pinned algorithm and a pinned key set."""
 
-    def __init__(self, config: AuthConfig) -> None:
+    def __init__(self, config: AuthConfig, *, lean_hmac: bool = True) -> None:
+        """``lean_hmac=False`` leaves every token to pyjwt (tests compare both paths)."""
         self._config = config
         self._algorithm = config.algorithm
         hmac = config.algorithm.startswith("HS")
@@ -95,6 +111,10 @@ class TokenVerifier:
             for kid, value in parse_key_ring(config).items()
         }
         self._token_type = _normal_type(config.token_type) if config.token_type else None
+        # The HS* keys as bytes, for the lean check; None for other algorithms (pyjwt verifies those).
+        self._hash = _HMAC_HASHES.get(self._algorithm) if lean_hmac else None
+        self._hmac_key = _hmac_key(self._key) if self._hash is not None and self._key is not None else None
+        self._hmac_ring = {kid: _hmac_key(key) for kid, key in self._ring.items()} if self._hash is not None else {}
 
     def verify(self, token: str | None, now: float | None = None) -> VerifiedToken:
         """Return the verified identity or raise :class:`AuthError` (its message names no secret)."""
@@ -102,6 +122,67 @@ class TokenVerifier:
             raise AuthError("missing token")
         if len(token) > 8192:
             raise AuthError("token too long")
+        lean = self._verified_hmac(token) if self._hash is not None else None
+        header, claims = lean if lean is not None else self._decode(token)
+        self._check_issued_at(claims, time.time() if now is None else now)
+        self._check_type(header, claims)
+        return _principal_from(claims)
+
+    def _verified_hmac(self, token: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """(header, claims) of an HS* token that passes every check pyjwt's decode makes here, without its
+        generic machinery (a fifth of a connect's CPU went to pyjwt). None when anything is unusual
+        (padding, an extra header parameter, a float or string time claim, unexpected JSON): pyjwt then
+        decides, and words the refusal. So this path only ever accepts what pyjwt accepts."""
+        parts = token.split(".")
+        if len(parts) != 3:
+            return None
+        raw_header, raw_payload, signature = (_segment(part) for part in parts)
+        if raw_header is None or raw_payload is None or signature is None:
+            return None
+        try:
+            header, claims = orjson.loads(raw_header), orjson.loads(raw_payload)
+        except orjson.JSONDecodeError:
+            return None
+        if type(header) is not dict or type(claims) is not dict:
+            return None
+        if header.get("alg") != self._algorithm or not header.keys() <= _PLAIN_HEADER:
+            return None
+        # As _key_for picks it (without a ring, any kid gets the one key); a kid that is present but not a
+        # string (even null) is pyjwt's to refuse.
+        kid = header.get("kid", ...)
+        if kid is not ... and type(kid) is not str:
+            return None
+        key = self._hmac_key if kid is ... or not self._ring else self._hmac_ring.get(kid)
+        if not isinstance(key, bytes) or self._hash is None:
+            return None
+        expected = hmac.new(key, f"{parts[0]}.{parts[1]}".encode("ascii"), self._hash).digest()
+        if not hmac.compare_digest(expected, signature):
+            return None
+        return (header, claims) if self._claims_pass(claims) else None
+
+    def _claims_pass(self, claims: dict[str, Any]) -> bool:
+        """pyjwt's claim checks with our options (exp and sub required; iat, nbf, exp, iss, aud when
+        configured, sub and jti types), for integer times only."""
+        now, leeway = time.time(), self._config.leeway_s
+        exp, sub = claims.get("exp"), claims.get("sub")
+        if type(exp) is not int or exp <= now - leeway or type(sub) is not str:
+            return False
+        for name in ("iat", "nbf"):
+            if name in claims and (type(claims[name]) is not int or claims[name] > now + leeway):
+                return False
+        if "jti" in claims and type(claims["jti"]) is not str:
+            return False
+        if self._config.issuer and claims.get("iss") != self._config.issuer:
+            return False
+        if self._config.audience:
+            aud = claims.get("aud")
+            if type(aud) is str:
+                return aud == self._config.audience
+            return type(aud) is list and all(type(a) is str for a in aud) and self._config.audience in aud
+        return True
+
+    def _decode(self, token: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """pyjwt's decode with our options: (header, claims), or :class:`AuthError` saying what failed."""
         key = self._key_for(token)
         options: Any = {"require": ["exp", "sub"], "verify_aud": bool(self._config.audience)}
         try:
@@ -132,9 +213,7 @@ class TokenVerifier:
             raise AuthError("token invalid") from None
         claims: dict[str, Any] = decoded["payload"]
         header: dict[str, Any] = decoded["header"]
-        self._check_issued_at(claims, time.time() if now is None else now)
-        self._check_type(header, claims)
-        return _principal_from(claims)
+        return header, claims
 
     def _key_for(self, token: str) -> Any:
         """The key the token's kid names (with a key ring), else the default key."""
@@ -172,6 +251,30 @@ class TokenVerifier:
         declared = claims.get("token_use", header.get("typ"))
         if not isinstance(declared, str) or _normal_type(declared) != self._token_type:
             raise AuthError("token type not accepted")
+
+
+def _segment(part: str) -> bytes | None:
+    """A JWT segment's bytes: unpadded base64url in its one canonical spelling, else None."""
+    if len(part) % 4 == 1 or not _SEGMENT.fullmatch(part):
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+    except (binascii.Error, ValueError):
+        return None
+    # Unused low bits set in the last character spell the same bytes differently: pyjwt refuses those.
+    if base64.urlsafe_b64encode(raw).rstrip(b"=") != part.encode("ascii"):
+        return None
+    return raw
+
+
+def _hmac_key(key: Any) -> bytes | object:
+    """``key`` as HMAC secret bytes, or a marker when pyjwt would refuse it as one (a PEM, SSH or DER key,
+    a JWK): the lean check then leaves those tokens to pyjwt, which refuses them."""
+    try:
+        prepared = HMACAlgorithm(HMACAlgorithm.SHA256).prepare_key(key)
+    except jwt.PyJWTError:
+        return _NOT_HMAC_KEY
+    return prepared if isinstance(prepared, bytes) else _NOT_HMAC_KEY
 
 
 def _normal_type(value: str) -> str:

@@ -4,11 +4,11 @@ All decided in Redis, atomically across nodes; each fails open or closed as conf
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from hub.batching import CommandBatcher
 from hub.config import ServerConfig
 from hub.keys import Keys
 from hub.lua import Scripts
@@ -37,13 +37,17 @@ class Limits:
     # Lease keys renewed per pipelined round trip by refresh().
     REFRESH_SLICE = 128
 
-    def __init__(self, scripts: Scripts, keys: Keys, config: ServerConfig, node_id: str, lease_ms: int) -> None:
+    def __init__(self, scripts: Scripts, keys: Keys, config: ServerConfig, node_id: str, lease_ms: int,
+                 batcher: CommandBatcher | None = None) -> None:
         self._keys = keys
         self._config = config
         self._node_id = node_id
         self._lease_ms = lease_ms
-        self._rates = RateLimiter(scripts, fail_open=config.rate_limits_fail_open, name="rate limits")
-        self._caps = ConnectionCaps(scripts, fail_open=config.connection_caps_fail_open, name="connection caps")
+        # With ``batcher`` (the node's), limit decisions share pipelines with the rest of the connect path.
+        self._rates = RateLimiter(scripts, fail_open=config.rate_limits_fail_open, name="rate limits",
+                                  batcher=batcher)
+        self._caps = ConnectionCaps(scripts, fail_open=config.connection_caps_fail_open, name="connection caps",
+                                    batcher=batcher)
         self._seq = itertools.count(1)
 
     async def admit_connection(self, ip: str, user_id: str) -> tuple[Decision, Lease | None]:
@@ -58,9 +62,9 @@ class Limits:
                       self._keys.connection_leases(f"user:{user_id}"))
         # Both slots at once (one round trip, shared with concurrent handshakes); a refusal gives back
         # the slot that was taken.
-        by_ip, by_user = await asyncio.gather(
-            self._caps.acquire(lease.ip_key, lease.member, cfg.max_connections_per_ip, self._lease_ms),
-            self._caps.acquire(lease.user_key, lease.member, cfg.max_connections_per_user, self._lease_ms))
+        by_ip, by_user = await self._caps.acquire_many(
+            [(lease.ip_key, lease.member, cfg.max_connections_per_ip),
+             (lease.user_key, lease.member, cfg.max_connections_per_user)], self._lease_ms)
         if not by_ip.allowed:
             if by_user.allowed:
                 await self._caps.release(lease.user_key, lease.member)
@@ -71,8 +75,7 @@ class Limits:
         return by_user, lease
 
     async def release(self, lease: Lease) -> None:
-        await asyncio.gather(self._caps.release(lease.ip_key, lease.member),
-                             self._caps.release(lease.user_key, lease.member))
+        await self._caps.release_many([(lease.ip_key, lease.member), (lease.user_key, lease.member)])
 
     async def refresh(self, leases: Iterable[Lease]) -> None:
         """Renew every live connection's slots (called from the node heartbeat)."""

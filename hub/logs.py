@@ -60,6 +60,12 @@ def setup_logging(level: str, json_lines: bool = False) -> None:
     handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter(
         "%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.addFilter(RedactingFilter())
+    # Every connection logs a line at open and close: skip the record attributes no format here uses (the
+    # logging docs' "Optimization" list): the caller's frame, thread, process and multiprocessing names.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -117,7 +117,8 @@ class Node:
         self.typing = TypingIndicators(streams.scripts, keys, config.rooms.typing_ttl_ms)
         self.presence = Presence(streams.scripts, keys, node_id)
         self.inbox = Inbox(streams.scripts, keys)
-        self.limits = Limits(streams.scripts, keys, config.server, node_id, int(config.relay.node_ttl_s * 1000))
+        self.limits = Limits(streams.scripts, keys, config.server, node_id, int(config.relay.node_ttl_s * 1000),
+                             batcher=streams.batcher)
         self.history = History(streams, pool, self.sealer.open)
         self.receipts = Receipts(streams.scripts, keys, pool)
         self.rules = AccessRules(config.rooms.admin_all_rooms, config.rooms.channel_publish_roles)
@@ -151,6 +152,7 @@ class Node:
                 last: StreamId = (0, 0)
                 if room.startswith("inbox:"):
                     position, mark = await self.streams.open_room_and_read_meta(room, DELIVERED_FIELD)
+                    self.relay.start_inbox(room, position.last_id)  # live from here; the replay has the rest
                     since = parse_stream_id(mark.decode()) if mark else (0, 0)
                     if position.last_id > since:  # else nothing arrived while the user was away
                         replay = self._deliveries(room, await self.streams.read_after(room, since, limit))

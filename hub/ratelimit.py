@@ -37,8 +37,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 
+from hub.batching import CommandBatcher
 from hub.lua import Scripts
 
 log = logging.getLogger("hub.ratelimit")
@@ -99,79 +100,34 @@ def _ints(reply: Any, count: int) -> list[int]:
 
 
 class ScriptBatcher:
-    """Sends the calls of one Lua script that many callers make at about the same time in one
-    pipeline: one round trip per batch instead of one per call. One batch is in flight at a time;
-    calls made meanwhile form the next batch, so batches grow with load. Each call is still its own
-    atomic script run, so decisions are exactly those of unbatched calls."""
+    """The calls of one Lua script, sent in pipelines shared with other callers (see
+    :class:`hub.batching.CommandBatcher`): one round trip per batch instead of one per call, and each
+    call still its own atomic script run, so decisions are exactly those of unbatched calls. Without a
+    shared ``batcher`` the script's calls are batched among themselves."""
 
-    MAX_BATCH = 512
-
-    def __init__(self, scripts: Scripts, name: str) -> None:
-        self._scripts = scripts
+    def __init__(self, scripts: Scripts, name: str, batcher: CommandBatcher | None = None) -> None:
         self._name = name
-        self._queue: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
-        self._task: asyncio.Task[None] | None = None
-        self.batches = 0
+        self._batcher = batcher if batcher is not None else CommandBatcher(scripts.redis, scripts)
+
+    @property
+    def batches(self) -> int:
+        """Pipelines sent by the batcher this script's calls go through."""
+        return self._batcher.batches
 
     def call(self, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.append((keys, args, future))
-        if self._task is None:
-            self._task = asyncio.ensure_future(self._drain())
-        return future
-
-    async def _drain(self) -> None:
-        try:
-            while self._queue:
-                batch, self._queue = self._queue[:self.MAX_BATCH], self._queue[self.MAX_BATCH:]
-                await self._send(batch)
-        finally:
-            self._task = None
-
-    async def _send(self, batch: list[tuple[list[str], list[Any], asyncio.Future[Any]]]) -> None:
-        for attempt in (1, 2):
-            pipe = self._scripts.redis.pipeline(transaction=False)
-            for keys, args, _future in batch:
-                self._scripts.call_in(pipe, self._name, keys, args)
-            try:
-                results = await pipe.execute(raise_on_error=False)
-            except (RedisError, OSError) as exc:
-                for _keys, _args, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-                return
-            self.batches += 1
-            retry = []
-            for item, result in zip(batch, results, strict=True):
-                future = item[2]
-                if future.done():
-                    continue
-                if isinstance(result, NoScriptError) and attempt == 1:
-                    retry.append(item)
-                elif isinstance(result, Exception):
-                    future.set_exception(result)
-                else:
-                    future.set_result(result)
-            if not retry:
-                return
-            try:
-                await self._scripts.load()
-            except (RedisError, OSError) as exc:
-                for _keys, _args, future in retry:
-                    future.set_exception(exc)
-                return
-            batch = retry
+        return self._batcher.script(self._name, keys, args)
 
 
 class RateLimiter:
     """GCRA rate limits (``rate_gcra.lua``); one instance per fail-open/fail-closed policy, any keys.
     Concurrent decisions (all connections of a node) share pipelined round trips."""
 
-    def __init__(self, scripts: Scripts, *, fail_open: bool, name: str = "rate_limiter") -> None:
+    def __init__(self, scripts: Scripts, *, fail_open: bool, name: str = "rate_limiter",
+                 batcher: CommandBatcher | None = None) -> None:
         self._scripts = scripts
         self._fail_open = fail_open
         self._outage = _Outage(name, fail_open)
-        self._batcher = ScriptBatcher(scripts, "rate_gcra")
+        self._batcher = ScriptBatcher(scripts, "rate_gcra", batcher)
 
     async def hit(self, key: str, rate_per_min: int, burst: int, cost: int = 1) -> Decision:
         """Spend ``cost`` cells of ``key`` if they fit, atomically across nodes.
@@ -203,14 +159,16 @@ class ConnectionCaps:
     per key, all of that key's members) well within ``lease_ms``, e.g. every ``lease_ms / 3``.
     """
 
-    def __init__(self, scripts: Scripts, *, fail_open: bool, name: str = "connection_caps") -> None:
+    def __init__(self, scripts: Scripts, *, fail_open: bool, name: str = "connection_caps",
+                 batcher: CommandBatcher | None = None) -> None:
         self._scripts = scripts
         self._fail_open = fail_open
         self._outage = _Outage(name, fail_open)
-        # Concurrent calls (a burst of handshakes, the heartbeat's refresh of every key) share round trips.
-        self._acquire = ScriptBatcher(scripts, "conn_acquire")
-        self._refresh = ScriptBatcher(scripts, "conn_refresh")
-        self._release = ScriptBatcher(scripts, "conn_release")
+        # Concurrent calls (a burst of handshakes, the heartbeat's refresh of every key) share round trips;
+        # with ``batcher``, also with everything else sent through it.
+        self._acquire = ScriptBatcher(scripts, "conn_acquire", batcher)
+        self._refresh = ScriptBatcher(scripts, "conn_refresh", batcher)
+        self._release = ScriptBatcher(scripts, "conn_release", batcher)
 
     async def acquire(self, key: str, member: str, limit: int, lease_ms: int) -> Decision:
         """Take a lease for ``member`` (a connection id unique across nodes) if fewer than ``limit``
@@ -229,6 +187,25 @@ class ConnectionCaps:
             return _fallback(self._fail_open)
         self._outage.recovered()
         return Decision(admitted == 1, retry_after_ms, max(0, limit - count))
+
+    async def acquire_many(self, requests: Sequence[tuple[str, str, int]], lease_ms: int) -> list[Decision]:
+        """:meth:`acquire` for several (key, member, limit) at once, in one round trip and without a task
+        each; the decisions come back in order, each independent of the others."""
+        for _key, member, limit in requests:
+            if limit < 0 or lease_ms < 1 or not member:
+                raise ValueError(f"need limit >= 0, lease_ms >= 1 and a member, got {limit}, {lease_ms}, {member!r}")
+        futures = [self._acquire.call([key], [member, limit, lease_ms]) for key, member, limit in requests]
+        decisions = []
+        for future, (_key, _member, limit) in zip(futures, requests, strict=True):
+            try:
+                admitted, count, retry_after_ms = _ints(await future, 3)
+            except (RedisError, OSError) as exc:
+                self._outage.failed(exc)
+                decisions.append(_fallback(self._fail_open))
+                continue
+            self._outage.recovered()
+            decisions.append(Decision(admitted == 1, retry_after_ms, max(0, limit - count)))
+        return decisions
 
     async def refresh(self, key: str, members: Sequence[str], lease_ms: int) -> list[str]:
         """Renew the leases of ``members`` of ``key`` for ``lease_ms`` from now, in one call.
@@ -281,6 +258,21 @@ class ConnectionCaps:
             return False
         self._outage.recovered()
         return released == 1
+
+    async def release_many(self, leases: Sequence[tuple[str, str]]) -> list[bool]:
+        """:meth:`release` for several (key, member) at once, in one round trip and without a task each."""
+        futures = [self._release.call([key], [member]) for key, member in leases]
+        released = []
+        for future in futures:
+            try:
+                done, _count = _ints(await future, 2)
+            except (RedisError, OSError) as exc:
+                self._outage.failed(exc)
+                released.append(False)
+                continue
+            self._outage.recovered()
+            released.append(done == 1)
+        return released
 
 
 def gcra_args(rate_per_min: int, burst: int, cost: int = 1) -> list[int]:

@@ -14,6 +14,11 @@ of it, no read in progress), is delivered directly. Only rooms with unread entri
 and before such a read the group's cursor is moved up to what was delivered directly, so the read
 returns only what was not.
 
+Inboxes (one per connected user) have no group: the node reads each with XREAD after a cursor it keeps
+itself, starting where the first attaching connection's position says (:meth:`Relay.start_inbox`). So a
+connect creates, and a disconnect destroys, nothing in Redis for its inbox (a group per user cost two
+commands each way and a keyspace notification to every node); rooms keep their groups.
+
 Ordering: within a room, entries are read in stream order and handed to the registry in that order;
 one read loop means one room is never fanned out by two tasks at once.
 """
@@ -43,6 +48,9 @@ from hub.tasks import cancel_and_wait
 
 log = logging.getLogger("hub.relay")
 
+# The position of an empty stream.
+_EMPTY: StreamId = (0, 0)
+
 
 class Relay:
     def __init__(self, redis: Redis, streams: Streams, keys: Keys, registry: Registry, node_id: str,
@@ -65,8 +73,12 @@ class Relay:
         # The node's counters (delivery by room type, latency); set by the node.
         self.metrics: Any = None
         self._inbox = Inbox(streams.scripts, keys)
-        # Rooms whose group exists and whose notifications we receive.
+        # Rooms whose group exists and whose notifications we receive (and active inboxes).
         self.active: set[str] = set()
+        # Active inbox -> the newest entry read (delivered after it); None until start_inbox() says.
+        self._inbox_cursors: dict[str, StreamId | None] = {}
+        # Inboxes woken while their cursor was unknown: read once it is.
+        self._inbox_woken: set[str] = set()
         # Rooms to read on the next turn of the read loop: those with unread entries (see _unread).
         self._dirty: set[str] = set()
         # The read loop is woken once per event-loop turn at most, after the subscription's buffered
@@ -132,7 +144,14 @@ class Relay:
     async def activate(self, room: str) -> None:
         """Start reading ``room``: subscribe to its wake-ups, then create the node's group at the
         stream's end. Callers hold the registry's room lock. Entries added after this returns are
-        delivered live; anything older is the joining client's replay."""
+        delivered live; anything older is the joining client's replay.
+
+        An inbox needs no Redis here: no group, and the node's inbox patterns carry its wake-ups. Its
+        reading starts after the position the attaching connection passes to :meth:`start_inbox`."""
+        if room.startswith(INBOX_PREFIX):
+            self._inbox_cursors[room] = None
+            self.active.add(room)
+            return
         assert self._pubsub is not None
         channels = self._room_channels(room)
         for channel, what in channels.items():
@@ -159,15 +178,29 @@ class Relay:
         self.active.add(room)
         self.wake(room)
 
+    def start_inbox(self, room: str, position: StreamId) -> None:
+        """Read the just activated inbox ``room`` after ``position`` (the newest entry when the attaching
+        connection opened it: anything older is that connection's replay). The first position given wins:
+        the connection that activated the inbox asked Redis first, so later ones are no older (and members
+        filter what their replay had)."""
+        if room in self._inbox_cursors and self._inbox_cursors[room] is None:
+            # Most inboxes are empty: share one (0, 0) rather than keep a tuple per connected user.
+            self._inbox_cursors[room] = _EMPTY if position == _EMPTY else position
+            if room in self._inbox_woken:
+                self._inbox_woken.discard(room)
+                self.wake(room)
+
     async def deactivate(self, room: str) -> None:
         """Stop reading ``room`` (its last local member left). Callers hold the room lock."""
         self.active.discard(room)
         self._dirty.discard(room)
         self._forget_positions(room)
+        if self._inbox_cursors.pop(room, ...) is not ...:
+            self._inbox_woken.discard(room)
+            return
         await self._unsubscribe(room)
         try:
-            await self._streams.destroy_group(room, self._group)
-            await self._redis.srem(self._keys.node_rooms(self._group), room)
+            await self._streams.destroy_group(room, self._group, forget_in=self._keys.node_rooms(self._group))
         except RedisError as exc:
             # The group is left behind; maintenance removes groups of rooms this node no longer
             # reads, and activate() moves an old group to the stream's end.
@@ -203,7 +236,8 @@ class Relay:
         """On shutdown: remove this node's groups so they do not linger with growing lag."""
         pipe = self._redis.pipeline(transaction=False)
         for room in self.active:
-            pipe.xgroup_destroy(self._keys.stream(room), self._group)
+            if room not in self._inbox_cursors:
+                pipe.xgroup_destroy(self._keys.stream(room), self._group)
         pipe.delete(self._keys.node_rooms(self._group))
         try:
             await pipe.execute(raise_on_error=False)
@@ -347,15 +381,21 @@ class Relay:
             await self._wake.wait()
             self._wake.clear()
             # Rooms whose every wake-up was matched by an announced entry were served already.
-            rooms = [r for r in self._dirty if r in self.active and self._unread.get(r, 0) > 0]
+            woken = [r for r in self._dirty if r in self.active and self._unread.get(r, 0) > 0]
             self._dirty.clear()
+            inboxes = [r for r in woken if r in self._inbox_cursors]
+            rooms = [r for r in woken if r not in self._inbox_cursors]
             try:
+                if inboxes:
+                    for room in inboxes:
+                        self._unread.pop(room, None)  # inboxes are never announced: each wake-up is a read
+                    await self._read_inboxes(inboxes)
                 for start in range(0, len(rooms), self._config.streams_per_read):
                     await self._read(rooms[start:start + self._config.streams_per_read])
                 backoff = 0.05
             except RedisError as exc:
                 log.warning("stream read failed (%s); retrying", type(exc).__name__)
-                for room in rooms:
+                for room in woken:
                     self.wake(room)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
@@ -419,25 +459,67 @@ class Relay:
             name = self._keys.room_of_key(key.decode() if isinstance(key, bytes) else key)
             if name is None or not entries:
                 continue
-            deliveries: list[Delivery] = []
-            up_to = self._delivered_up_to.get(name, (0, 0))
-            for entry_id, fields in entries:
-                delivery = entry_to_delivery(name, entry_id, fields or {}, self._opener)
-                if delivery is None:
-                    self._undeliverable(name, entry_id)
-                elif delivery.entry_id > up_to:  # (an announced entry the cursor had not passed yet)
-                    deliveries.append(delivery)
-            last_read = parse_stream_id(entries[-1][0].decode("ascii"))
-            if last_read > up_to:
-                self._delivered_up_to[name] = last_read
-            queued = self._hand_over(name, deliveries)
-            if queued and name.startswith(INBOX_PREFIX):
-                delivered_marks.append((name, deliveries[-1].entry_id))
-            if len(entries) >= self._config.read_count:
-                self.wake(name)  # more may be waiting
+            self._deliver_entries(name, entries, delivered_marks)
         for room, last in delivered_marks:
             # Handed to the user's live connections: an offline replay must not repeat it.
             await self._inbox.mark_delivered(room, last)
+
+    async def _read_inboxes(self, rooms: list[str]) -> None:
+        """XREAD each woken inbox after the node's cursor: one command per inbox (each its own slot on a
+        cluster), all sent in one pipeline."""
+        reads = []
+        for room in rooms:
+            cursor = self._inbox_cursors.get(room)
+            if cursor is None:
+                self._inbox_woken.add(room)  # read once start_inbox() says where from
+                continue
+            reads.append((room, cursor, self._streams.batcher.command(
+                "XREAD", "COUNT", self._config.read_count, "STREAMS", self._keys.stream(room),
+                format_stream_id(cursor))))
+        failure: RedisError | None = None
+        delivered_marks: list[tuple[str, StreamId]] = []
+        for room, cursor, read in reads:
+            try:
+                response = await read
+            except RedisError as exc:
+                failure = exc
+                continue
+            # Left (and maybe attached again, with a new start) while we read: its members' replays
+            # cover what this read found.
+            if self._inbox_cursors.get(room) != cursor or not response:
+                continue
+            self.reads += 1
+            for _key, entries in _stream_items(response):
+                if entries:
+                    self._inbox_cursors[room] = parse_stream_id(entries[-1][0].decode("ascii"))
+                    self._deliver_entries(room, entries, delivered_marks)
+        for room, last in delivered_marks:
+            await self._inbox.mark_delivered(room, last)
+        if failure is not None:
+            raise failure
+
+    def _deliver_entries(self, name: str, entries: list[tuple[bytes, dict[bytes, bytes]]],
+                         delivered_marks: list[tuple[str, StreamId]]) -> None:
+        """Fan one read's entries of ``name`` out to its local members (noting an inbox's delivered mark);
+        read again if the read was full. Entries an announcement already delivered are skipped."""
+        is_inbox = name.startswith(INBOX_PREFIX)
+        up_to = _EMPTY if is_inbox else self._delivered_up_to.get(name, _EMPTY)
+        deliveries: list[Delivery] = []
+        for entry_id, fields in entries:
+            delivery = entry_to_delivery(name, entry_id, fields or {}, self._opener)
+            if delivery is None:
+                self._undeliverable(name, entry_id)
+            elif delivery.entry_id > up_to:  # (an announced entry the cursor had not passed yet)
+                deliveries.append(delivery)
+        if not is_inbox:  # (an inbox's position is its cursor)
+            last_read = parse_stream_id(entries[-1][0].decode("ascii"))
+            if last_read > up_to:
+                self._delivered_up_to[name] = last_read
+        queued = self._hand_over(name, deliveries)
+        if queued and is_inbox:
+            delivered_marks.append((name, deliveries[-1].entry_id))
+        if len(entries) >= self._config.read_count:
+            self.wake(name)  # more may be waiting
 
 
 def _stream_items(response: Any) -> list[tuple[Any, list[tuple[bytes, dict[bytes, bytes]]]]]:

@@ -171,6 +171,8 @@ class Handshake:
             response.headers["Retry-After"] = str(max(1, -(-decision.retry_after_ms // 1000)))
             return response
         connection.lease = lease
+        # The 101 goes out with the hello, in one write (hub.session.HubConnection.hold_response).
+        connection.hold_response()
         return None
 
 

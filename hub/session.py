@@ -46,8 +46,8 @@ class HubConnection(ServerConnection):
     dict past CPython's shared-key limit and cost ~1.5 KB per connection.
     """
 
-    __slots__ = ("client_ip", "client_type", "client_version", "device_id", "last_data_at", "lease", "pinged_at",
-                 "verified")
+    __slots__ = ("client_ip", "client_type", "client_version", "device_id", "held_response", "last_data_at", "lease",
+                 "pinged_at", "verified")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -63,6 +63,10 @@ class HubConnection(ServerConnection):
         # we last pinged it (event-loop time).
         self.last_data_at = 0.0
         self.pinged_at = 0.0
+        # The accepted handshake's HTTP 101 response, held back to go out in one write with the session's first
+        # frames (the hello): one socket write per connect instead of two. b"" marks a response to hold; None
+        # once nothing is (or will be) held. See send_data() and take_held_response().
+        self.held_response: bytes | None = None
         # websockets waits on these only while its own writes are paused (we write to the transport
         # ourselves); it appends, removes and iterates, which a list does in 56 bytes instead of a
         # deque's ~760.
@@ -80,6 +84,29 @@ class HubConnection(ServerConnection):
     def data_received(self, data: bytes) -> None:
         self.last_data_at = self.loop.time()
         super().data_received(data)
+
+    def hold_response(self) -> None:
+        """Hold the handshake response (an accepted upgrade) until the session's first write."""
+        self.held_response = b""
+
+    def take_held_response(self) -> bytes:
+        """The held handshake response, to be written before anything else; b"" when none is held."""
+        held, self.held_response = self.held_response, None
+        return held or b""
+
+    def send_data(self) -> None:
+        """websockets' write of what its protocol has to send. The accepted handshake's response is held
+        (see hold_response); whatever websockets sends after it (a close, a ping) releases it first."""
+        if self.held_response is None:
+            super().send_data()
+            return
+        if self.held_response == b"" and self.protocol.state is State.OPEN:
+            self.held_response = b"".join(self.protocol.data_to_send())  # the 101 alone: no EOF when OPEN
+            return
+        held = self.take_held_response()
+        if held:
+            self.transport.write(held)
+        super().send_data()
 
 
 class _FrameQueue(list[Any]):
@@ -218,6 +245,8 @@ class Session:
         self._pending.clear()
         if self.closing or self.connection.protocol.state is not State.OPEN:
             return
+        if self.connection.held_response is not None:
+            data = self.connection.take_held_response() + data
         self._transport.write(data)
         self._outbox.writes += 1
         self._outbox.frames += count

@@ -19,6 +19,7 @@ import msgpack
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
+from hub.batching import CommandBatcher, discard
 from hub.errors import RateLimited, Unavailable
 from hub.keys import Keys
 from hub.limits import RateCheck
@@ -69,6 +70,8 @@ class Streams:
         self.redis = redis
         self.scripts = scripts
         self.keys = keys
+        # The node's small per-connection commands (the connect path, group creation) share pipelines.
+        self.batcher = CommandBatcher(redis, scripts)
 
     async def open_room(self, room: str) -> RoomPosition:
         """The room's epoch (created if new), trim watermark and newest id."""
@@ -80,25 +83,18 @@ class Streams:
         return RoomPosition(epoch.decode(), _sid(min_id), _sid(first_id), _sid(last_id))
 
     async def open_room_and_read_meta(self, room: str, meta_field: str) -> tuple[RoomPosition, bytes | None]:
-        """:meth:`open_room` and one field of the room's meta hash, in one round trip."""
+        """:meth:`open_room` and one field of the room's meta hash, in one round trip (shared with other
+        callers')."""
         keys = [self.keys.stream(room), self.keys.meta(room)]
-        for attempt in range(2):
-            pipe = self.redis.pipeline(transaction=False)
-            self.scripts.call_in(pipe, "room_open", keys, [new_epoch()])
-            pipe.hget(self.keys.meta(room), meta_field)
-            try:
-                opened, value = await pipe.execute(raise_on_error=False)
-            except RedisError as exc:
-                raise Unavailable(f"Redis unavailable: {type(exc).__name__}") from exc
-            if isinstance(opened, NoScriptError) and attempt == 0:
-                await self.scripts.load()  # Redis restarted and forgot the scripts
-                continue
-            for reply in (opened, value):
-                if isinstance(reply, Exception):
-                    raise Unavailable(f"Redis unavailable: {type(reply).__name__}")
-            epoch, min_id, first_id, last_id = opened
-            return RoomPosition(epoch.decode(), _sid(min_id), _sid(first_id), _sid(last_id)), value
-        raise Unavailable("Redis keeps forgetting the Lua scripts")
+        opened = self.batcher.script("room_open", keys, [new_epoch()])
+        value = self.batcher.command("HGET", self.keys.meta(room), meta_field)
+        try:
+            epoch, min_id, first_id, last_id = await opened
+            mark: bytes | None = await value
+        except RedisError as exc:
+            discard(value)
+            raise Unavailable(f"Redis unavailable: {type(exc).__name__}") from exc
+        return RoomPosition(epoch.decode(), _sid(min_id), _sid(first_id), _sid(last_id)), mark
 
     async def read_after(self, room: str, after: StreamId, count: int) -> list[Entry]:
         """Entries with id > ``after``, oldest first, at most ``count``."""
@@ -154,18 +150,23 @@ class Streams:
 
     async def create_group(self, room: str, group: str, remember_in: str | None = None) -> None:
         """Create ``group`` on the room's stream at its current end ("$"), or move it there; with
-        ``remember_in``, also add the room to that set, in the same round trip."""
+        ``remember_in``, also add the room to that set, in the same round trip (shared with other callers')."""
         stream = self.keys.stream(room)
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.xgroup_create(stream, group, id="$", mkstream=True)
-        if remember_in is not None:
-            pipe.sadd(remember_in, room)
-        results = await pipe.execute(raise_on_error=False)
-        for result in results:
-            if isinstance(result, ResponseError) and "BUSYGROUP" in str(result):
-                await self.redis.xgroup_setid(stream, group, id="$")
-            elif isinstance(result, Exception):
-                raise result
+        created = self.batcher.command("XGROUP CREATE", stream, group, "$", "MKSTREAM")
+        remembered = self.batcher.command("SADD", remember_in, room) if remember_in is not None else None
+        busy = False
+        try:
+            await created
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                if remembered is not None:
+                    discard(remembered)
+                raise
+            busy = True
+        if remembered is not None:
+            await remembered
+        if busy:
+            await self.redis.xgroup_setid(stream, group, id="$")
 
     async def restore_group(self, room: str, group: str) -> bool:
         """Recreate ``group`` after its stream vanished (Redis lost data, or a purge), at the start of
@@ -179,8 +180,16 @@ class Streams:
             return False
         return True
 
-    async def destroy_group(self, room: str, group: str) -> None:
-        await self.redis.xgroup_destroy(self.keys.stream(room), group)
+    async def destroy_group(self, room: str, group: str, forget_in: str | None = None) -> None:
+        """Remove ``group`` from the room's stream; with ``forget_in``, also remove the room from that set,
+        in the same round trip (shared with other callers')."""
+        destroyed = self.batcher.command("XGROUP DESTROY", self.keys.stream(room), group)
+        forgotten = self.batcher.command("SREM", forget_in, room) if forget_in is not None else None
+        try:
+            await destroyed
+        finally:
+            if forgotten is not None:
+                await forgotten
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from redis.exceptions import RedisError
 
 from hub.audit import Audit
 from hub.auth import TokenVerifier, VerifiedToken
+from hub.batching import CommandBatcher, discard
 from hub.config import AuthConfig
 from hub.errors import CloseCode
 from hub.keys import Keys
@@ -88,28 +89,33 @@ class Revocation:
 class RevocationStore:
     """Revocations in Redis: written by hubctl, read at every handshake and refresh."""
 
-    def __init__(self, redis: Redis, keys: Keys, *, fail_open: bool = True) -> None:
+    def __init__(self, redis: Redis, keys: Keys, *, fail_open: bool = True,
+                 batcher: CommandBatcher | None = None) -> None:
         self._redis = redis
         self._keys = keys
         self._fail_open = fail_open
+        # Handshakes in flight at once share pipelines (with each other, and with the node's other
+        # connect-path commands when the node's batcher is given).
+        self._batcher = batcher if batcher is not None else CommandBatcher(redis)
 
     async def is_revoked(self, token: VerifiedToken) -> bool:
-        """One pipelined round trip. When Redis cannot be asked: False with ``fail_open`` (the token
-        is admitted unchecked), else raises the RedisError (the caller refuses with 503)."""
-        pipe = self._redis.pipeline(transaction=False)
-        if token.token_id is not None:
-            pipe.exists(self._keys.revoked_token(token.token_id))
-        pipe.get(self._keys.revoked_user(token.principal.user_id))
+        """One pipelined round trip (shared with concurrent callers). When Redis cannot be asked: False
+        with ``fail_open`` (the token is admitted unchecked), else raises the RedisError (the caller
+        refuses with 503)."""
+        by_id = self._batcher.command("EXISTS", self._keys.revoked_token(token.token_id)) \
+            if token.token_id is not None else None
+        by_user = self._batcher.command("GET", self._keys.revoked_user(token.principal.user_id))
         try:
-            replies = await pipe.execute()
+            id_revoked = await by_id if by_id is not None else 0
+            raw = await by_user
         except (RedisError, OSError) as exc:
+            discard(by_user)
             if not self._fail_open:
                 raise
             log.warning("revocation check skipped, Redis unavailable (%s)", type(exc).__name__)
             return False
-        if token.token_id is not None and replies[0]:
+        if id_revoked:
             return True
-        raw = replies[-1]
         if raw is None:
             return False
         try:
