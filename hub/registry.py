@@ -79,13 +79,14 @@ class Registry:
         member = local.members.get(session)
         if member is None:
             member = local.members[session] = Membership(session)
-            session.rooms.add(room)
+            session.rooms.append(room)
         return member
 
     def remove(self, room: str, session: Session) -> bool:
         """Drop the session from the room. Returns True when the room has no local member left."""
         local = self.rooms.get(room)
-        session.rooms.discard(room)
+        if room in session.rooms:
+            session.rooms.remove(room)
         if local is None:
             return False
         local.members.pop(session, None)

@@ -201,7 +201,8 @@ class Session:
         # Timer that aborts the TCP connection if the client never answers our close frame.
         self._abort_handle: asyncio.TimerHandle | None = None
         # Rooms this session joined or subscribed to updates of (the registry holds the details).
-        self.rooms: set[str] = set()
+        # A list, not a set: a connection is in a few rooms (an empty set is 216 bytes, a list 56).
+        self.rooms: list[str] = []
         self.last_frame_at = time.monotonic()
         # Presence of this connection: "online" or "away" (set by the client, or by idleness when
         # auto_away is True, which the next frame undoes).
