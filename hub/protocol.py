@@ -350,7 +350,18 @@ def text_frame(payload: bytes) -> bytes:
 
 
 def iso_ms(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """``ms`` since the epoch as ``2026-11-30T10:00:00.123Z``. Every frame carries one, and most fall in the
+    same second as the previous one: the seconds part is formatted once per second."""
+    global _iso_second, _iso_prefix
+    second, millis = divmod(ms, 1000)
+    if second != _iso_second:
+        _iso_prefix = datetime.fromtimestamp(second, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        _iso_second = second
+    return f"{_iso_prefix}.{millis:03d}Z"
+
+
+_iso_second = -1
+_iso_prefix = ""
 
 
 def error_frame(code: str, message: str, *, request_type: str | None = None, room: str | None = None,

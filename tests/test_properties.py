@@ -4,12 +4,13 @@ names, stream ids. Whatever the input, the answer is a value or a documented cli
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hub.errors import ClientError, InvalidRoom
-from hub.protocol import CLIENT_FRAME_TYPES, format_stream_id, parse_client_frame, parse_stream_id
+from hub.protocol import CLIENT_FRAME_TYPES, format_stream_id, iso_ms, parse_client_frame, parse_stream_id
 from hub.rooms import RoomKind, parse_room
 
 JSON = st.recursive(
@@ -88,3 +89,12 @@ def test_stream_ids_parse_canonically_or_are_refused(value: str) -> None:
 def test_stream_ids_round_trip(ms: int, seq: int) -> None:
     """Every (ms, seq) formats and parses back unchanged."""
     assert parse_stream_id(format_stream_id((ms, seq))) == (ms, seq)
+
+
+@given(st.lists(st.integers(min_value=0, max_value=4_102_444_800_000), min_size=1, max_size=20))
+def test_iso_ms_formats_every_instant_exactly(instants: list[int]) -> None:
+    """iso_ms caches the formatted second: any sequence of instants (same second or not) formats exactly."""
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    for ms in instants:
+        expected = (epoch + timedelta(milliseconds=ms)).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        assert iso_ms(ms) == expected
