@@ -19,7 +19,7 @@ import msgpack
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
-from hub.batching import CommandBatcher, discard
+from hub.batching import CommandBatcher, discard, exchange
 from hub.errors import RateLimited, Unavailable
 from hub.keys import Keys
 from hub.limits import RateCheck
@@ -324,13 +324,17 @@ class Publisher:
             if not batch:
                 return
         scripts = self._streams.scripts
+        sha = scripts.by_name["room_publish"].sha
         for attempt in (1, 2):
-            pipe = self._streams.redis.pipeline(transaction=False)
+            commands = []
             for req in batch:
-                scripts.call_in(pipe, "room_publish", *req.script_call(with_rate))
+                keys, args = req.script_call(with_rate)
+                commands.append(("EVALSHA", sha, len(keys), *keys, *args))
             try:
-                results = await pipe.execute(raise_on_error=False)
-            except RedisError as exc:
+                # One pipeline under one timer, packed by hiredis (hub/batching.py), not redis-py's
+                # pipeline, which packs in Python and arms a timer per reply.
+                results = await exchange(self._streams.redis, commands)
+            except (RedisError, OSError) as exc:
                 log.warning("publish pipeline failed: %s", type(exc).__name__)
                 for req in batch:
                     if not req.future.done():
