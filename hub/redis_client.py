@@ -18,15 +18,68 @@ from urllib.parse import unquote, urlsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.exceptions import RedisClusterException
 
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+
+# XREAD/XREADGROUP options before STREAMS, and how many arguments each takes.
+_STREAM_READ_OPTIONS = {"COUNT": 1, "BLOCK": 1, "NOACK": 0}
 
 
 class HubRedisCluster(RedisCluster):
     """A RedisCluster that remembers how its nodes are reached (credentials, TLS, timeouts), so per-node
-    pub/sub connections (see :mod:`hub.subscriptions`) are made the same way."""
+    pub/sub connections (see :mod:`hub.subscriptions`) are made the same way, and that finds the keys of
+    XREADGROUP and XREAD itself."""
 
     node_options: dict[str, Any]
+
+    async def _determine_slot(self, command: str, *args: Any) -> int:
+        """The slot a command goes to. redis-py asks a node (``COMMAND GETKEYS``, a round trip and a command
+        on the server) for the keys of every command whose key positions vary; it does so twice per call
+        outside a pipeline and again after each MOVED. XREADGROUP and XREAD name their keys after STREAMS,
+        which is parsed here instead (the relay and the archivers read streams all the time). Everything
+        else, and anything this parser does not recognise, is left to redis-py. Routing, MOVED, ASK and
+        retries are unchanged: only where the keys are is answered here."""
+        keys = stream_read_keys(command, args)
+        if keys is None:
+            return await super()._determine_slot(command, *args)
+        slots = {self.keyslot(key) for key in keys}
+        if len(slots) != 1:
+            raise RedisClusterException(f"{command} - all keys must map to the same key slot")
+        return slots.pop()
+
+
+def stream_read_keys(command: Any, args: tuple[Any, ...]) -> list[Any] | None:
+    """The stream keys of ``XREADGROUP GROUP group consumer [COUNT n] [BLOCK ms] [NOACK] STREAMS key... id...``
+    or ``XREAD [COUNT n] [BLOCK ms] STREAMS key... id...``; None for any other command or a shape not
+    recognised."""
+    name = command.decode() if isinstance(command, bytes) else str(command)
+    name = name.upper()
+    if name == "XREADGROUP":
+        index = 3  # past GROUP group consumer
+        if len(args) < 3 or _token(args[0]) != "GROUP":
+            return None
+    elif name == "XREAD":
+        index = 0
+    else:
+        return None
+    while index < len(args):
+        token = _token(args[index])
+        if token == "STREAMS":
+            rest = args[index + 1:]
+            if not rest or len(rest) % 2:
+                return None
+            return list(rest[:len(rest) // 2])
+        if token not in _STREAM_READ_OPTIONS:
+            return None
+        index += 1 + _STREAM_READ_OPTIONS[token]
+    return None
+
+
+def _token(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode(errors="replace").upper()
+    return str(value).upper()
 
 
 @dataclass(frozen=True)

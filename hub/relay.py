@@ -79,6 +79,8 @@ class Relay:
         # Rooms being read now, and those an announcement arrived for meanwhile (read again after).
         self._reading: set[str] = set()
         self._reread: set[str] = set()
+        # Rooms whose announced entries arrive without their keyspace notification (see _on_announced).
+        self._unpaired: set[str] = set()
         self._wake = asyncio.Event()
         # The subscription connections (keyspace notifications + control channel): one, or one per cluster
         # master; made in start().
@@ -175,6 +177,7 @@ class Relay:
         self._delivered_up_to.pop(room, None)
         self._cursor_behind.discard(room)
         self._reread.discard(room)
+        self._unpaired.discard(room)
 
     def _room_channels(self, room: str) -> dict[str, str]:
         """The channels an active room needs: stream wake-ups, grant changes, ephemeral events.
@@ -246,6 +249,7 @@ class Relay:
             return
         room, what = target
         if what == "s":
+            self._unpaired.discard(room)  # notifications come on this connection (again)
             self.wake(room)
         elif what == "ev":
             data = message["data"]
@@ -273,9 +277,17 @@ class Relay:
     def _on_announced(self, room: str, payload: bytes) -> None:
         """An entry room_publish.lua announced: deliver it now unless a read must come first."""
         unread = self._unread.get(room, 0)
-        if unread > 0:
+        if unread > 0 and room not in self._unpaired:
             unread -= 1  # this entry's own keyspace notification, which came just before
             self._unread[room] = unread
+        elif room in self.active and not room.startswith(INBOX_PREFIX) and not self._read_already(room, payload):
+            # Its keyspace notification did not come first on this connection: the room's slot moved to another
+            # Redis Cluster master (the announcement still reaches the old one over the cluster bus) and the
+            # subscriptions have not followed yet, so a raw XADD's notification would be missed too. The stream
+            # is read instead (in order, with anything missed) until a notification arrives here again.
+            self._unpaired.add(room)
+            self.wake(room)
+            return
         if room in self._reading:
             self._reread.add(room)  # the read in flight may or may not include it
             return
@@ -300,6 +312,14 @@ class Relay:
             self._undeliverable(room, raw_id)
         else:
             self._hand_over(room, [delivery])
+
+    def _read_already(self, room: str, payload: bytes) -> bool:
+        """Whether a read delivered the announced entry (it may run between a notification and its entry)."""
+        try:
+            raw_id = msgpack.unpackb(payload, raw=True)[0]
+            return bool(parse_stream_id(raw_id.decode("ascii")) <= self._delivered_up_to.get(room, (0, 0)))
+        except (ValueError, TypeError, IndexError, AttributeError, msgpack.UnpackException):
+            return False  # left to the unreadable-announcement path below
 
     def _undeliverable(self, room: str, raw_id: bytes) -> None:
         self.undeliverable_entries += 1
