@@ -180,9 +180,42 @@ async def on_each_master(redis: Redis, *command: Any, replicas: bool = False) ->
     cluster = as_cluster(redis)
     if cluster is None:
         return {node_name(redis): await redis.execute_command(*command)}  # type: ignore[no-untyped-call]
-    nodes = cluster.get_nodes() if replicas else cluster.get_primaries()
+    if replicas:
+        names = await every_node(cluster)
+        replies = await asyncio.gather(*(on_node(redis, name, *command) for name in names))
+        return dict(zip(names, replies, strict=True))
+    nodes = cluster.get_primaries()
     replies = await asyncio.gather(*(cluster.execute_command(*command, target_nodes=node) for node in nodes))
     return {node.name: reply for node, reply in zip(nodes, replies, strict=True)}
+
+
+async def every_node(cluster: RedisCluster) -> list[str]:
+    """Every reachable node of the cluster, masters and replicas, as "host:port", from CLUSTER NODES. redis-py's
+    own node list comes from CLUSTER SLOTS, which leaves out a replica until its first sync is done: such a
+    replica would miss settings made on every node (keyspace events) and could be promoted without them."""
+    reply: dict[str, dict[str, Any]] = await cluster.execute_command("CLUSTER NODES", target_nodes=cluster.RANDOM)
+    names = [address for address, node in reply.items()
+             if address and not address.startswith(":") and node.get("connected", True)
+             and not {"fail", "fail?", "handshake", "noaddr"} & set(str(node.get("flags", "")).split(","))]
+    return sorted(names) or [node.name for node in cluster.get_nodes()]
+
+
+async def on_node(redis: Redis, name: str, *command: Any) -> Any:
+    """Run ``command`` on the cluster node ``name`` ("host:port"), through the cluster client's own connection
+    when it knows the node, else on a connection made for this call (same credentials and TLS)."""
+    cluster = as_cluster(redis)
+    if cluster is None:
+        return await redis.execute_command(*command)  # type: ignore[no-untyped-call]
+    known = cluster.get_node(node_name=name)
+    if known is not None:
+        return await cluster.execute_command(*command, target_nodes=known)
+    host, _, port = name.rpartition(":")
+    options = getattr(cluster, "node_options", {})
+    client = Redis(host=host, port=int(port), decode_responses=False, **options)
+    try:
+        return await client.execute_command(*command)  # type: ignore[no-untyped-call]
+    finally:
+        await client.aclose()
 
 
 async def publish(redis: Redis, channel: str, message: bytes | str) -> int:

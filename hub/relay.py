@@ -81,6 +81,8 @@ class Relay:
         self._reread: set[str] = set()
         # Rooms whose announced entries arrive without their keyspace notification (see _on_announced).
         self._unpaired: set[str] = set()
+        # Rooms with an announced entry left for the next read: later ones are not delivered before it.
+        self._held: set[str] = set()
         self._wake = asyncio.Event()
         # The subscription connections (keyspace notifications + control channel): one, or one per cluster
         # master; made in start().
@@ -178,6 +180,7 @@ class Relay:
         self._cursor_behind.discard(room)
         self._reread.discard(room)
         self._unpaired.discard(room)
+        self._held.discard(room)
 
     def _room_channels(self, room: str) -> dict[str, str]:
         """The channels an active room needs: stream wake-ups, grant changes, ephemeral events.
@@ -291,8 +294,18 @@ class Relay:
         if room in self._reading:
             self._reread.add(room)  # the read in flight may or may not include it
             return
-        if unread > 0 or room not in self.active or room.startswith(INBOX_PREFIX):
+        if room not in self.active or room.startswith(INBOX_PREFIX):
+            return
+        if unread > 0:
+            self._held.add(room)
             return  # an earlier entry is still to be read: the read delivers both, in order
+        if room in self._held:
+            # An entry announced before this one waits for a read, so this one must too. (On a Redis Cluster
+            # replica, notifications come by replication and announcements over the cluster bus: after a
+            # failover, until the subscriptions follow, two entries' notifications can both come before
+            # their announcements, and the second announcement would pair with the first's notification.)
+            self.wake(room)
+            return
         try:
             items = msgpack.unpackb(payload, raw=True)
             raw_id = items[0]
@@ -372,6 +385,7 @@ class Relay:
     async def _read(self, rooms: list[str]) -> None:
         for room in rooms:
             self._unread[room] = 0  # this read covers every wake-up so far
+            self._held.discard(room)  # and every entry announced so far
             self._reading.add(room)
         try:
             await self._read_rooms(rooms)

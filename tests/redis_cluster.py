@@ -237,3 +237,24 @@ class RedisClusterFixture:
             process.wait(timeout=10)
         self.processes.clear()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def main() -> None:
+    """``python -m tests.redis_cluster``: start a private cluster, print its REDIS_URL, hold it until Ctrl-C or
+    SIGTERM (for benchmarks and trying the hub on a cluster by hand)."""
+    import signal
+
+    cluster = RedisClusterFixture()
+    try:
+        cluster.start()
+        print(cluster.url, flush=True)
+        signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+        signal.pause()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        cluster.destroy()
+
+
+if __name__ == "__main__":
+    main()
