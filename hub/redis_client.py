@@ -12,12 +12,16 @@ keyspace events, SCRIPT LOAD, INFO per shard), PUBLISH routing, and the database
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException
 
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
@@ -26,12 +30,51 @@ CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 _STREAM_READ_OPTIONS = {"COUNT": 1, "BLOCK": 1, "NOACK": 0}
 
 
+# Whether the current task already holds one of a cluster client's in-flight permits (a pipeline retrying its
+# redirected commands one by one must not wait for a second permit).
+_HOLDING_PERMIT: ContextVar[bool] = ContextVar("hub_redis_cluster_permit", default=False)
+
+
 class HubRedisCluster(RedisCluster):
     """A RedisCluster that remembers how its nodes are reached (credentials, TLS, timeouts), so per-node
-    pub/sub connections (see :mod:`hub.subscriptions`) are made the same way, and that finds the keys of
-    XREADGROUP and XREAD itself."""
+    pub/sub connections (see :mod:`hub.subscriptions`) are made the same way; that finds the keys of
+    XREADGROUP and XREAD itself; and whose callers wait for a free connection instead of failing.
+
+    redis-py's cluster client opens up to ``max_connections`` per node and then raises MaxConnectionsError at
+    once (a burst of joins did, and the errors cascaded into broken connections). Commands and pipelines here
+    take a permit first, at most ``max_connections`` at a time, so no node ever runs short; a caller waits up
+    to ``pool_wait_s`` for one, as the standalone client's blocking pool does."""
 
     node_options: dict[str, Any]
+    in_flight: asyncio.Semaphore
+    pool_wait_s: float | None
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        async with self.permit():
+            return await super().execute_command(*args, **kwargs)
+
+    def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> ClusterPipeline:
+        if shard_hint:
+            raise RedisClusterException("shard_hint is deprecated in cluster mode")
+        # (redis-py's typing protocol declares an _event_dispatcher that ClusterPipeline itself does not define.)
+        return HubClusterPipeline(self, transaction)  # type: ignore[abstract]
+
+    @contextlib.asynccontextmanager
+    async def permit(self) -> AsyncIterator[None]:
+        if _HOLDING_PERMIT.get():
+            yield
+            return
+        try:
+            async with asyncio.timeout(self.pool_wait_s):
+                await self.in_flight.acquire()
+        except TimeoutError:
+            raise RedisConnectionError(f"no free Redis Cluster connection within {self.pool_wait_s}s") from None
+        holding = _HOLDING_PERMIT.set(True)
+        try:
+            yield
+        finally:
+            _HOLDING_PERMIT.reset(holding)
+            self.in_flight.release()
 
     async def _determine_slot(self, command: str, *args: Any) -> int:
         """The slot a command goes to. redis-py asks a node (``COMMAND GETKEYS``, a round trip and a command
@@ -47,6 +90,17 @@ class HubRedisCluster(RedisCluster):
         if len(slots) != 1:
             raise RedisClusterException(f"{command} - all keys must map to the same key slot")
         return slots.pop()
+
+
+class HubClusterPipeline(ClusterPipeline):
+    """A cluster pipeline that runs under one of its client's permits (see :class:`HubRedisCluster`)."""
+
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> list[Any]:
+        client = self.cluster_client
+        if not isinstance(client, HubRedisCluster):
+            return await super().execute(raise_on_error, allow_redirections)
+        async with client.permit():
+            return await super().execute(raise_on_error, allow_redirections)
 
 
 def stream_read_keys(command: Any, args: tuple[Any, ...]) -> list[Any] | None:
@@ -121,7 +175,7 @@ def connect(url: str, *, cluster: bool = False, socket_timeout_s: float | None =
     """A client for ``url``. With ``pool_size`` a standalone client waits up to ``pool_wait_s`` for a free
     connection instead of failing (a cluster client holds ``pool_size`` connections per node)."""
     if cluster or is_cluster_url(url):
-        return _connect_cluster(parse_cluster_url(url), socket_timeout_s, connect_timeout_s, pool_size)
+        return _connect_cluster(parse_cluster_url(url), socket_timeout_s, connect_timeout_s, pool_size, pool_wait_s)
     options: dict[str, Any] = {"decode_responses": False, "socket_connect_timeout": connect_timeout_s,
                                "socket_timeout": socket_timeout_s}
     if not url.startswith("unix://"):
@@ -133,7 +187,7 @@ def connect(url: str, *, cluster: bool = False, socket_timeout_s: float | None =
 
 
 def _connect_cluster(address: ClusterAddress, socket_timeout_s: float | None, connect_timeout_s: float,
-                     pool_size: int | None) -> Redis:
+                     pool_size: int | None, pool_wait_s: float | None) -> Redis:
     node_options: dict[str, Any] = {"username": address.username, "password": address.password,
                                     "socket_connect_timeout": connect_timeout_s, "socket_keepalive": True}
     if address.tls:
@@ -143,6 +197,8 @@ def _connect_cluster(address: ClusterAddress, socket_timeout_s: float | None, co
         decode_responses=False, socket_timeout=socket_timeout_s, max_connections=pool_size or 100,
         **node_options)
     client.node_options = node_options
+    client.in_flight = asyncio.Semaphore(pool_size or 100)
+    client.pool_wait_s = pool_wait_s
     # The rest of the code is typed against the standalone client: see the module's docstring.
     return cast(Redis, client)
 

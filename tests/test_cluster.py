@@ -410,3 +410,30 @@ async def test_stream_reads_and_delivery_follow_a_slot_migration(
 def test_stream_read_keys(command: tuple[Any, ...], expected: list[Any] | None) -> None:
     """Where the cluster client finds an XREADGROUP's or XREAD's keys itself, and what it leaves to redis-py."""
     assert redis_client.stream_read_keys(command[0], command[1:]) == expected
+
+
+async def test_a_burst_of_commands_waits_for_connections_instead_of_failing(
+        redis_cluster: RedisClusterFixture, prefix: str) -> None:
+    """300 commands and 100 pipelines at once through a cluster client allowed 4 connections per node: every one
+    succeeds (callers wait for a free connection, as with the standalone client's blocking pool) and no node gets
+    more than 4 of its connections. redis-py's cluster client alone raises MaxConnectionsError past the limit."""
+    client = redis_client.connect(redis_cluster.url, pool_size=4, pool_wait_s=10)
+    await redis_client.initialize(client)
+    try:
+        keys = [f"{prefix}{{burst{i}}}" for i in range(300)]
+
+        async def pipelined(key: str) -> list[Any]:
+            pipe = client.pipeline(transaction=False)
+            pipe.incr(key)
+            pipe.get(key)
+            return list(await pipe.execute())
+
+        singles = await asyncio.gather(*(client.set(key, "1") for key in keys))
+        pipelines = await asyncio.gather(*(pipelined(key) for key in keys[:100]))
+        assert all(singles) and all(reply == [2, b"2"] for reply in pipelines)
+        cluster = redis_client.as_cluster(client)
+        assert cluster is not None
+        assert max(len(node._connections) for node in cluster.get_nodes()) <= 4
+    finally:
+        await client.delete(*keys)
+        await client.aclose()
