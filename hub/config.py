@@ -252,8 +252,10 @@ class Config:
         for name in ("ping_interval_s", "ping_timeout_s", "connection_timeout_s", "slow_close_grace_s",
                      "drain_timeout_s"):
             _check(getattr(self.server, name) > 0, f"server.{name}", "must be positive")
-        _check(self.redis.url.startswith(("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")),
-               "redis.url", "must start with redis://, rediss://, unix://, redis+cluster:// or rediss+cluster://")
+        _check(self.redis.url.startswith(("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://",
+                                          "redis+sentinel://", "rediss+sentinel://")),
+               "redis.url", "must start with redis://, rediss://, unix://, redis+cluster://, rediss+cluster://, "
+               "redis+sentinel:// or rediss+sentinel://")
         _check(not (self.redis.cluster and self.redis.url.startswith("unix://")), "redis.cluster",
                "a Redis Cluster is reached over TCP, not unix://")
         _check(not (self.redis.is_cluster and self.redis.embedded == "always"), "redis.embedded",

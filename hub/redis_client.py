@@ -1,6 +1,12 @@
 """Every Redis client of the hub, the archivers, maintenance and the CLI is built here, for a standalone
-server (``redis://``, ``rediss://``, ``unix://``) or a Redis Cluster (``redis+cluster://host:port[,host:port...]``,
-``rediss+cluster://`` for TLS, or any ``redis://`` URL with ``redis.cluster: true``).
+server (``redis://``, ``rediss://``, ``unix://``), a master watched by Sentinel
+(``redis+sentinel://sentinel:26379[,sentinel:26379...]/SERVICE[/db]``, ``rediss+sentinel://`` for TLS to the master)
+or a Redis Cluster (``redis+cluster://host:port[,host:port...]``, ``rediss+cluster://`` for TLS, or any ``redis://``
+URL with ``redis.cluster: true``).
+
+A Sentinel client is a standalone :class:`~redis.asyncio.Redis` whose pool asks the sentinels where the master is
+whenever it connects: after a failover the old master drops its clients (Sentinel kills them) and every
+connection, subscriptions included, comes back on the promoted one.
 
 A cluster client is a redis-py :class:`~redis.asyncio.cluster.RedisCluster`. It speaks the same commands as the
 standalone :class:`~redis.asyncio.Redis` the rest of the code is typed with (keyed commands are routed to the
@@ -21,10 +27,12 @@ from urllib.parse import unquote, urlsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException
 
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
 
 # XREAD/XREADGROUP options before STREAMS, and how many arguments each takes.
 _STREAM_READ_OPTIONS = {"COUNT": 1, "BLOCK": 1, "NOACK": 0}
@@ -148,6 +156,38 @@ def is_cluster_url(url: str) -> bool:
     return url.split("://", 1)[0].lower() in CLUSTER_SCHEMES
 
 
+def is_sentinel_url(url: str) -> bool:
+    return url.split("://", 1)[0].lower() in SENTINEL_SCHEMES
+
+
+@dataclass(frozen=True)
+class SentinelAddress:
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    db: int
+    username: str | None
+    password: str | None
+    tls: bool
+
+
+def parse_sentinel_url(url: str) -> SentinelAddress:
+    """``redis+sentinel://[user:password@]host:port[,host:port...]/SERVICE[/db]``; the credentials and TLS are
+    the master's (the sentinels are asked without them)."""
+    address = parse_cluster_url(url.split("/", 3)[0] + "//" + url.split("://", 1)[1].split("/", 1)[0])
+    path = [part for part in url.split("://", 1)[1].split("/")[1:] if part]
+    if not path:
+        raise ValueError("a redis+sentinel:// URL names the master's service: redis+sentinel://host:26379/mymaster")
+    if len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
+        raise ValueError(f"expected /SERVICE[/db] after the sentinels, got /{'/'.join(path)}")
+    db = int(path[1]) if len(path) == 2 else 0
+    return SentinelAddress(address.nodes, unquote(path[0]), db, address.username, address.password, address.tls)
+
+
+class BlockingSentinelConnectionPool(SentinelConnectionPool, BlockingConnectionPool):
+    """Sentinel's pool (connections go to the master the sentinels name) with the blocking pool's wait for a
+    free connection instead of an error past ``max_connections``."""
+
+
 def parse_cluster_url(url: str) -> ClusterAddress:
     """``redis+cluster://[user:password@]host:port[,host:port...][/0]``; a plain ``redis://`` or ``rediss://``
     URL names one seed node."""
@@ -174,6 +214,8 @@ def connect(url: str, *, cluster: bool = False, socket_timeout_s: float | None =
             connect_timeout_s: float = 5.0, pool_size: int | None = None, pool_wait_s: float | None = None) -> Redis:
     """A client for ``url``. With ``pool_size`` a standalone client waits up to ``pool_wait_s`` for a free
     connection instead of failing (a cluster client holds ``pool_size`` connections per node)."""
+    if is_sentinel_url(url):
+        return _connect_sentinel(parse_sentinel_url(url), socket_timeout_s, connect_timeout_s, pool_size, pool_wait_s)
     if cluster or is_cluster_url(url):
         return _connect_cluster(parse_cluster_url(url), socket_timeout_s, connect_timeout_s, pool_size, pool_wait_s)
     options: dict[str, Any] = {"decode_responses": False, "socket_connect_timeout": connect_timeout_s,
@@ -203,6 +245,27 @@ def _connect_cluster(address: ClusterAddress, socket_timeout_s: float | None, co
     return cast(Redis, client)
 
 
+def _connect_sentinel(address: SentinelAddress, socket_timeout_s: float | None, connect_timeout_s: float,
+                      pool_size: int | None, pool_wait_s: float | None) -> Redis:
+    asked = {"socket_connect_timeout": connect_timeout_s, "socket_timeout": connect_timeout_s}
+    sentinel = Sentinel(list(address.sentinels), sentinel_kwargs=asked)  # type: ignore[no-untyped-call]
+    options: dict[str, Any] = {"decode_responses": False, "socket_connect_timeout": connect_timeout_s,
+                               "socket_timeout": socket_timeout_s, "socket_keepalive": True, "db": address.db,
+                               "username": address.username, "password": address.password}
+    if address.tls:
+        options["ssl"] = True
+    if pool_size is None:
+        return cast(Redis, sentinel.master_for(address.service, redis_class=Redis, **options))
+    return cast(Redis, sentinel.master_for(address.service, redis_class=Redis,
+                                           connection_pool_class=BlockingSentinelConnectionPool,
+                                           max_connections=pool_size, timeout=pool_wait_s, **options))
+
+
+def _sentinel_pool(redis: Redis) -> SentinelConnectionPool | None:
+    pool = redis.connection_pool
+    return pool if isinstance(pool, SentinelConnectionPool) else None
+
+
 def as_cluster(redis: Redis) -> RedisCluster | None:
     """The cluster client behind ``redis``, or None for a standalone server."""
     return cast(RedisCluster, redis) if isinstance(redis, RedisCluster) else None
@@ -223,7 +286,13 @@ async def initialize(redis: Redis) -> None:
 
 
 def node_name(redis: Redis) -> str:
-    """host:port of a standalone client (its socket path for unix://)."""
+    """host:port of a standalone client (its socket path for unix://; the master's, once known, with Sentinel)."""
+    sentinel_pool = _sentinel_pool(redis)
+    if sentinel_pool is not None:
+        if sentinel_pool.master_address is None:
+            return f"{sentinel_pool.service_name} (sentinel)"
+        host, port = sentinel_pool.master_address
+        return f"{_text(host)}:{int(port)}"
     kwargs = redis.connection_pool.connection_kwargs
     if kwargs.get("path"):
         return str(kwargs["path"])
@@ -235,11 +304,19 @@ async def on_each_master(redis: Redis, *command: Any, replicas: bool = False) ->
     each node of a cluster. Returns the replies by node ("host:port"); a node's error is raised."""
     cluster = as_cluster(redis)
     if cluster is None:
-        return {node_name(redis): await redis.execute_command(*command)}  # type: ignore[no-untyped-call]
+        reply = await redis.execute_command(*command)  # type: ignore[no-untyped-call]
+        by_node = {node_name(redis): reply}  # (named after the call: with Sentinel, the master is known then)
+        sentinel_pool = _sentinel_pool(redis)
+        if replicas and sentinel_pool is not None:
+            # The replicas Sentinel knows: one of them is the next master.
+            for host, port in await sentinel_pool.sentinel_manager.discover_slaves(sentinel_pool.service_name):
+                name = f"{_text(host)}:{int(port)}"
+                by_node[name] = await on_node(redis, name, *command)
+        return by_node
     if replicas:
         names = await every_node(cluster)
-        replies = await asyncio.gather(*(on_node(redis, name, *command) for name in names))
-        return dict(zip(names, replies, strict=True))
+        answers = await asyncio.gather(*(on_node(redis, name, *command) for name in names))
+        return dict(zip(names, answers, strict=True))
     nodes = cluster.get_primaries()
     replies = await asyncio.gather(*(cluster.execute_command(*command, target_nodes=node) for node in nodes))
     return {node.name: reply for node, reply in zip(nodes, replies, strict=True)}
@@ -261,7 +338,17 @@ async def on_node(redis: Redis, name: str, *command: Any) -> Any:
     when it knows the node, else on a connection made for this call (same credentials and TLS)."""
     cluster = as_cluster(redis)
     if cluster is None:
-        return await redis.execute_command(*command)  # type: ignore[no-untyped-call]
+        if name == node_name(redis):
+            return await redis.execute_command(*command)  # type: ignore[no-untyped-call]
+        kwargs = redis.connection_pool.connection_kwargs
+        host, _, port = name.rpartition(":")
+        other = Redis(host=host, port=int(port), decode_responses=False, username=kwargs.get("username"),
+                      password=kwargs.get("password"), socket_connect_timeout=kwargs.get("socket_connect_timeout"),
+                      socket_timeout=kwargs.get("socket_timeout"), ssl=bool(kwargs.get("ssl", False)))
+        try:
+            return await other.execute_command(*command)  # type: ignore[no-untyped-call]
+        finally:
+            await other.aclose()
     known = cluster.get_node(node_name=name)
     if known is not None:
         return await cluster.execute_command(*command, target_nodes=known)
@@ -343,3 +430,7 @@ def _pairs(response: Any) -> list[Any]:
     if isinstance(response, dict):
         return [[key, value[0] if value and isinstance(value[0], list) else value] for key, value in response.items()]
     return list(response)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

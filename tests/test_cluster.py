@@ -23,7 +23,7 @@ from hub.keys import Keys
 from hub.notifications import inbox_room
 from hub.tokens import RevocationStore
 from tests.conftest import PG_URL, make_config, url_of
-from tests.helpers import Client, connect, mint, wait_until
+from tests.helpers import Client, connect, mint, say_until_acked, wait_until
 from tests.redis_cluster import RedisClusterFixture, find_binary
 
 pytestmark = pytest.mark.skipif(find_binary("redis-server") is None or find_binary("redis-cli") is None,
@@ -85,23 +85,6 @@ def rooms_on_every_shard(cluster: RedisClusterFixture, keys: Keys, per_shard: in
         if len(owned) < per_shard:
             owned.append(room)
     return [room for owned in by_owner.values() for room in owned]
-
-
-async def say_until_acked(client: Client, room: str, content: str, refused: list[str], attempts: int = 100) -> str:
-    """Publish ``content`` (also its client_msg_id: no spaces) until acknowledged; each refusal (an error frame)
-    is noted in ``refused`` and the message sent again a tenth of a second later (stored once either way)."""
-    for _ in range(attempts):
-        await client.send({"type": "chat_message", "room": room, "content": content, "client_msg_id": content})
-        while True:
-            frame = await client.next_frame(timeout_s=15)
-            if frame.get("client_msg_id") == content and frame["type"] in ("ack", "error"):
-                break  # (other frames: its own echoes)
-        if frame["type"] == "ack":
-            return str(frame["id"])
-        refused.append(frame["code"])
-        # Sent again at once it would meet the same redirection; a tenth of a second apart.
-        await asyncio.sleep(0.1)  # by design; noqa: sleep-ok
-    raise AssertionError(f"{content!r} refused {attempts} times: {refused[-3:]}")
 
 
 async def chat_by_room(client: Client, count: int, timeout_s: float = 20.0) -> dict[str, list[dict[str, Any]]]:
