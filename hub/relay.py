@@ -116,12 +116,18 @@ class Relay:
         await self._pubsub.psubscribe(*self._keys.inbox_patterns())
 
     async def run(self) -> None:
-        """Run the read loop, the subscription listener and the sweep until cancelled."""
+        """Run the read loop, the subscription listener and the sweep until cancelled (or one of them fails)."""
         assert self._pubsub is not None
-        async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(self._pubsub.run())
-            tasks.create_task(self._read_loop())
-            tasks.create_task(self._sweep())
+        # Not a TaskGroup: it cancels its tasks once, and a cancellation that redis-py's wait_for swallows (see
+        # hub.tasks) left the read loop running and the node's shutdown waiting forever. Each is cancelled until
+        # it is done, here and (shielded) when this task is cancelled again meanwhile.
+        loop = asyncio.get_running_loop()
+        tasks = [loop.create_task(self._pubsub.run()), loop.create_task(self._read_loop()),
+                 loop.create_task(self._sweep())]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            await asyncio.shield(cancel_and_wait(tasks))
 
     async def close(self) -> None:
         await cancel_and_wait(list(self._acl_tasks))
