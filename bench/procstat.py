@@ -142,6 +142,12 @@ def delta(before: Snapshot, after: Snapshot) -> dict[str, Any]:
         if end.processes > 1:
             entry["processes"] = end.processes
         out[name] = entry
+    shards = [entry for name, entry in out.items() if name.startswith("redis@") and "cpu_s" in entry]
+    if shards and "redis" not in out:  # a Redis Cluster's masters, summed where one Redis would be reported
+        out["redis"] = {"cpu_s": round(sum(e["cpu_s"] for e in shards), 3),
+                        "cpu_pct": round(sum(e["cpu_pct"] for e in shards), 1),
+                        "rss_kb_before": sum(e["rss_kb_before"] for e in shards),
+                        "rss_kb_after": sum(e["rss_kb_after"] for e in shards), "processes": len(shards)}
     if before.host is not None and after.host is not None and after.host[1] > before.host[1]:
         cores = os.cpu_count() or 1
         per_core_total = (after.host[1] - before.host[1]) / cores

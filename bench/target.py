@@ -1,7 +1,8 @@
 """The hub under test: a ``hubctl serve`` subprocess started for the run on a free loopback port (its own
 key prefix on the configured Redis, limits lifted, a random JWT secret), or an existing hub given by URL.
 Either way the run's Redis keys are deleted afterwards, and the PIDs to sample are known: the server's
-(``--server-pid`` for an existing hub) and Redis's own (from ``INFO server``, when it runs on this host).
+(``--server-pid`` for an existing hub) and Redis's own (from ``INFO server``, when it runs on this host; every
+master's for a Redis Cluster ``REDIS_URL``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from urllib.parse import urlsplit
 
 from redis.asyncio import Redis
 
+from hub import redis_client
 from hub.config import AuthConfig
 from hub.keys import Keys
 
@@ -72,7 +74,8 @@ class Target:
     # the target keeps nothing in Redis.
     cleanup_pattern: str | None
     server_pid: int | None = None
-    redis_pid: int | None = None
+    # "redis" for a standalone server; "redis@host:port" per master of a cluster.
+    redis_pids: dict[str, int] = field(default_factory=dict)
     # The started hub (None for an existing one given by URL), its stderr log, and the task keeping
     # its stdout pipe drained so that nothing it prints can block it.
     process: asyncio.subprocess.Process | None = None
@@ -88,8 +91,7 @@ class Target:
         found = {}
         if self.server_pid is not None:
             found["server"] = self.server_pid
-        if self.redis_pid is not None:
-            found["redis"] = self.redis_pid
+        found.update(self.redis_pids)
         return found
 
     async def stop(self) -> None:
@@ -118,26 +120,30 @@ def process_exists(pid: int) -> bool:
     return Path(f"/proc/{pid}/stat").exists()
 
 
-async def redis_pid_of(redis_url: str) -> int | None:
-    """The PID of the Redis server behind ``redis_url`` when it runs on this host (loopback), else None."""
-    host = urlsplit(redis_url).hostname or ""
-    if redis_url.startswith("redis") and host not in ("127.0.0.1", "localhost", "::1"):
-        return None
-    client = Redis.from_url(redis_url)
+async def redis_pids_of(redis_url: str) -> dict[str, int]:
+    """The PIDs of the Redis servers behind ``redis_url`` that run on this host: {"redis": pid} for a standalone
+    server, {"redis@host:port": pid} for each master of a cluster; empty when they run elsewhere."""
+    hosts = [part.rsplit(":", 1)[0].rsplit("@", 1)[-1] for part in urlsplit(redis_url).netloc.split(",")]
+    if redis_url.startswith("redis") and any(host not in ("127.0.0.1", "localhost", "[::1]") for host in hosts):
+        return {}
+    client = redis_client.connect(redis_url)
     try:
-        info = await client.info("server")
+        await redis_client.initialize(client)
+        infos = await redis_client.on_each_master(client, "INFO", "server")
     finally:
         await client.aclose()
-    pid = info.get("process_id")
-    if not isinstance(pid, int) or not process_exists(pid):
-        return None
-    return pid
+    pids = {}
+    for node, info in infos.items():
+        pid = info.get("process_id")
+        if isinstance(pid, int) and process_exists(pid):
+            pids["redis" if redis_client.as_cluster(client) is None else f"redis@{node}"] = pid
+    return pids
 
 
 async def wait_rooms_released(redis_url: str, pattern: str, run_tag: str, timeout_s: float) -> bool:
     """Wait until no set matching ``pattern`` (the hub nodes' room sets) names a room containing ``run_tag``;
     False when ``timeout_s`` passed first."""
-    client = Redis.from_url(redis_url)
+    client = await _client(redis_url)
     try:
         async with asyncio.timeout(timeout_s):
             while True:
@@ -158,7 +164,7 @@ async def wait_rooms_released(redis_url: str, pattern: str, run_tag: str, timeou
 
 
 async def delete_keys(redis_url: str, pattern: str) -> int:
-    client = Redis.from_url(redis_url)
+    client = await _client(redis_url)
     deleted = 0
     try:
         batch: list[bytes] = []
@@ -172,6 +178,13 @@ async def delete_keys(redis_url: str, pattern: str) -> int:
     finally:
         await client.aclose()
     return deleted
+
+
+async def _client(redis_url: str) -> Redis:
+    """A client of the run's Redis (redis-py's cluster client SCANs every master and splits a DEL by slot)."""
+    client = redis_client.connect(redis_url)
+    await redis_client.initialize(client)
+    return client
 
 
 async def start_hub(redis_url: str, *, workers: int = 1, database_url: str | None = None,
@@ -195,7 +208,7 @@ async def start_hub(redis_url: str, *, workers: int = 1, database_url: str | Non
         argv += ["--workers", str(workers)]
     auth = AuthConfig(algorithm="HS256", secret=secret)
     target = await spawn_server(argv, env, workers, Target("127.0.0.1", port, auth, redis_url, f"{prefix}*"))
-    target.redis_pid = await redis_pid_of(redis_url)
+    target.redis_pids = await redis_pids_of(redis_url)
     return target
 
 
@@ -245,5 +258,5 @@ async def existing_hub(url: str, auth: AuthConfig, redis_url: str, key_prefix: s
     if server_pid is not None and not process_exists(server_pid):
         raise ValueError(f"--server-pid {server_pid}: no such process")
     return Target(parts.hostname, parts.port or 80, auth, redis_url, f"*{run_tag}*", server_pid=server_pid,
-                  redis_pid=await redis_pid_of(redis_url), node_rooms_pattern=Keys(key_prefix).node_rooms("*"),
+                  redis_pids=await redis_pids_of(redis_url), node_rooms_pattern=Keys(key_prefix).node_rooms("*"),
                   run_tag=run_tag)

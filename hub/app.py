@@ -113,10 +113,7 @@ async def _ensure_keyspace_events_on(redis: Redis, node: str | None, reply: dict
         if node is None:
             await redis.config_set("notify-keyspace-events", flags + "".join(missing))
         else:
-            cluster = redis_client.as_cluster(redis)
-            assert cluster is not None
-            await cluster.execute_command("CONFIG", "SET", "notify-keyspace-events", flags + "".join(missing),
-                                          target_nodes=cluster.get_node(node_name=node))
+            await redis_client.on_node(redis, node, "CONFIG", "SET", "notify-keyspace-events", flags + "".join(missing))
     except RedisError as exc:
         if report:
             log.error("cannot enable keyspace notifications%s (%s); live delivery falls back to the sweep",

@@ -259,8 +259,10 @@ class Config:
             _check(getattr(self.server, name) > 0, f"server.{name}", "must be positive")
         _check(0 <= self.server.write_delay_ms <= 1000, "server.write_delay_ms", "must be 0..1000")
         _check(0 <= self.server.publish_linger_ms <= 1000, "server.publish_linger_ms", "must be 0..1000")
-        _check(self.redis.url.startswith(("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")),
-               "redis.url", "must start with redis://, rediss://, unix://, redis+cluster:// or rediss+cluster://")
+        _check(self.redis.url.startswith(("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://",
+                                          "redis+sentinel://", "rediss+sentinel://")),
+               "redis.url", "must start with redis://, rediss://, unix://, redis+cluster://, rediss+cluster://, "
+               "redis+sentinel:// or rediss+sentinel://")
         _check(not (self.redis.cluster and self.redis.url.startswith("unix://")), "redis.cluster",
                "a Redis Cluster is reached over TCP, not unix://")
         _check(not (self.redis.is_cluster and self.redis.embedded == "always"), "redis.embedded",

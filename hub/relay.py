@@ -94,6 +94,10 @@ class Relay:
         # Rooms being read now, and those an announcement arrived for meanwhile (read again after).
         self._reading: set[str] = set()
         self._reread: set[str] = set()
+        # Rooms whose announced entries arrive without their keyspace notification (see _on_announced).
+        self._unpaired: set[str] = set()
+        # Rooms with an announced entry left for the next read: later ones are not delivered before it.
+        self._held: set[str] = set()
         self._wake = asyncio.Event()
         # The subscription connections (keyspace notifications + control channel): one, or one per cluster
         # master; made in start().
@@ -127,12 +131,18 @@ class Relay:
         await self._pubsub.psubscribe(*self._keys.inbox_patterns())
 
     async def run(self) -> None:
-        """Run the read loop, the subscription listener and the sweep until cancelled."""
+        """Run the read loop, the subscription listener and the sweep until cancelled (or one of them fails)."""
         assert self._pubsub is not None
-        async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(self._pubsub.run())
-            tasks.create_task(self._read_loop())
-            tasks.create_task(self._sweep())
+        # Not a TaskGroup: it cancels its tasks once, and a cancellation that redis-py's wait_for swallows (see
+        # hub.tasks) left the read loop running and the node's shutdown waiting forever. Each is cancelled until
+        # it is done, here and (shielded) when this task is cancelled again meanwhile.
+        loop = asyncio.get_running_loop()
+        tasks = [loop.create_task(self._pubsub.run()), loop.create_task(self._read_loop()),
+                 loop.create_task(self._sweep())]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            await asyncio.shield(cancel_and_wait(tasks))
 
     async def close(self) -> None:
         await cancel_and_wait(list(self._acl_tasks))
@@ -211,6 +221,8 @@ class Relay:
         self._delivered_up_to.pop(room, None)
         self._cursor_behind.discard(room)
         self._reread.discard(room)
+        self._unpaired.discard(room)
+        self._held.discard(room)
 
     def _room_channels(self, room: str) -> dict[str, str]:
         """The channels an active room needs: stream wake-ups, grant changes, ephemeral events.
@@ -290,6 +302,7 @@ class Relay:
             return
         room, what = target
         if what == "s":
+            self._unpaired.discard(room)  # notifications come on this connection (again)
             self.wake(room)
         elif what == "ev":
             data = message["data"]
@@ -317,16 +330,34 @@ class Relay:
     def _on_announced(self, room: str, payload: bytes) -> None:
         """An entry room_publish.lua announced: deliver it now unless a read must come first."""
         unread = self._unread.get(room, 0)
-        if unread > 0:
+        if unread > 0 and room not in self._unpaired:
             unread -= 1  # this entry's own keyspace notification, which came just before
             self._unread[room] = unread
-            if unread == 0:
-                self._dirty.discard(room)
+            if unread == 0 and room not in self._held:
+                self._dirty.discard(room)  # its wake-up is served: no read needed
+        elif room in self.active and not room.startswith(INBOX_PREFIX) and not self._read_already(room, payload):
+            # Its keyspace notification did not come first on this connection: the room's slot moved to another
+            # Redis Cluster master (the announcement still reaches the old one over the cluster bus) and the
+            # subscriptions have not followed yet, so a raw XADD's notification would be missed too. The stream
+            # is read instead (in order, with anything missed) until a notification arrives here again.
+            self._unpaired.add(room)
+            self.wake(room)
+            return
         if room in self._reading:
             self._reread.add(room)  # the read in flight may or may not include it
             return
-        if unread > 0 or room not in self.active or room.startswith(INBOX_PREFIX):
+        if room not in self.active or room.startswith(INBOX_PREFIX):
+            return
+        if unread > 0:
+            self._held.add(room)
             return  # an earlier entry is still to be read: the read delivers both, in order
+        if room in self._held:
+            # An entry announced before this one waits for a read, so this one must too. (On a Redis Cluster
+            # replica, notifications come by replication and announcements over the cluster bus: after a
+            # failover, until the subscriptions follow, two entries' notifications can both come before
+            # their announcements, and the second announcement would pair with the first's notification.)
+            self.wake(room)
+            return
         try:
             items = msgpack.unpackb(payload, raw=True)
             raw_id = items[0]
@@ -346,6 +377,14 @@ class Relay:
             self._undeliverable(room, raw_id)
         else:
             self._hand_over(room, [delivery])
+
+    def _read_already(self, room: str, payload: bytes) -> bool:
+        """Whether a read delivered the announced entry (it may run between a notification and its entry)."""
+        try:
+            raw_id = msgpack.unpackb(payload, raw=True)[0]
+            return bool(parse_stream_id(raw_id.decode("ascii")) <= self._delivered_up_to.get(room, (0, 0)))
+        except (ValueError, TypeError, IndexError, AttributeError, msgpack.UnpackException):
+            return False  # left to the unreadable-announcement path below
 
     def _undeliverable(self, room: str, raw_id: bytes) -> None:
         self.undeliverable_entries += 1
@@ -404,6 +443,7 @@ class Relay:
     async def _read(self, rooms: list[str]) -> None:
         for room in rooms:
             self._unread[room] = 0  # this read covers every wake-up so far
+            self._held.discard(room)  # and every entry announced so far
             self._reading.add(room)
         try:
             await self._read_rooms(rooms)

@@ -113,3 +113,20 @@ async def wait_until(predicate: Any, timeout_s: float = 5.0, what: str = "condit
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.01)
+
+
+async def say_until_acked(client: Client, room: str, content: str, refused: list[str], attempts: int = 100) -> str:
+    """Publish ``content`` (also its client_msg_id: no spaces) until acknowledged; each refusal (an error frame)
+    is noted in ``refused`` and the message sent again a tenth of a second later (stored once either way)."""
+    for _ in range(attempts):
+        await client.send({"type": "chat_message", "room": room, "content": content, "client_msg_id": content})
+        while True:
+            frame = await client.next_frame(timeout_s=15)
+            if frame.get("client_msg_id") == content and frame["type"] in ("ack", "error"):
+                break  # (other frames: its own echoes)
+        if frame["type"] == "ack":
+            return str(frame["id"])
+        refused.append(frame["code"])
+        # Sent again at once it would meet the same redirection; a tenth of a second apart.
+        await asyncio.sleep(0.1)  # by design; noqa: sleep-ok
+    raise AssertionError(f"{content!r} refused {attempts} times: {refused[-3:]}")

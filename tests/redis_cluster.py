@@ -204,6 +204,31 @@ class RedisClusterFixture:
                 return int(master[1])
         raise RuntimeError(f"no master owns slot {slot}")
 
+    def node_id(self, port: int) -> str:
+        with self.client(port) as client:
+            raw = client.execute_command("CLUSTER", "MYID")
+        return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+    def begin_slot_migration(self, slot: int, source_port: int, target_port: int) -> None:
+        """Resharding's first half, as ``redis-cli --cluster reshard`` does it for one slot: the target imports,
+        the source migrates, and every key of the slot is moved to the target. The source still owns the slot
+        and answers ASK for the moved keys."""
+        with self.client(target_port) as target, self.client(source_port) as source:
+            target.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", self.node_id(source_port))
+            source.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", self.node_id(target_port))
+            while keys := source.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
+                source.execute_command("MIGRATE", "127.0.0.1", target_port, "", 0, 5000, "KEYS", *keys)
+
+    def finish_slot_migration(self, slot: int, source_port: int, target_port: int, timeout_s: float = 30.0) -> None:
+        """Resharding's second half: the slot is assigned to the target (on the target, the source, then every
+        other master); the source answers MOVED from now on."""
+        target_id = self.node_id(target_port)
+        others = [port for port in self.master_ports() if port not in (source_port, target_port)]
+        for port in (target_port, source_port, *others):
+            with self.client(port) as client:
+                client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+        self.wait_ok(timeout_s)
+
     def destroy(self) -> None:
         for process in self.processes.values():
             if process.poll() is None:
@@ -212,3 +237,24 @@ class RedisClusterFixture:
             process.wait(timeout=10)
         self.processes.clear()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def main() -> None:
+    """``python -m tests.redis_cluster``: start a private cluster, print its REDIS_URL, hold it until Ctrl-C or
+    SIGTERM (for benchmarks and trying the hub on a cluster by hand)."""
+    import signal
+
+    cluster = RedisClusterFixture()
+    try:
+        cluster.start()
+        print(cluster.url, flush=True)
+        signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+        signal.pause()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        cluster.destroy()
+
+
+if __name__ == "__main__":
+    main()

@@ -66,3 +66,31 @@ async def test_a_garbled_announcement_falls_back_to_reading_the_stream(
     await writer.send({"type": "chat_message", "room": ROOM, "content": "after the garbage"})
     got = await collect_chat(reader, 1)
     assert got[0]["content"] == "after the garbage"
+
+
+# Two entries appended, then both announced, atomically: the subscriber sees notification, notification,
+# announcement, announcement (what a Redis Cluster replica's subscriber can see after a failover, where
+# notifications come by replication and announcements over the cluster bus).
+TWO_THEN_ANNOUNCED = """
+local first = redis.call('XADD', KEYS[1], '*', 'sender_id', 'backend', 'content', 'first')
+local second = redis.call('XADD', KEYS[1], '*', 'sender_id', 'backend', 'content', 'second')
+redis.call('PUBLISH', ARGV[1], cmsgpack.pack({first, 'sender_id', 'backend', 'content', 'first'}))
+redis.call('PUBLISH', ARGV[1], cmsgpack.pack({second, 'sender_id', 'backend', 'content', 'second'}))
+return {first, second}
+"""
+
+
+async def test_an_announcement_never_overtakes_an_earlier_one_left_for_a_read(
+        node: App, redis_client: Redis, prefix: str) -> None:
+    """Notification, notification, announcement, announcement: the first announcement finds a wake-up it cannot
+    match (held for a read); the second then matches the last wake-up but must not be delivered ahead of the
+    first. The member gets both, in stream order, then live messages as before."""
+    writer, reader = await connect(url_of(node), "1"), await connect(url_of(node), "2")
+    await writer.join(ROOM)
+    await reader.join(ROOM)
+    keys = Keys(prefix)
+    ids = await redis_client.eval(TWO_THEN_ANNOUNCED, 1, keys.stream(ROOM), keys.events_channel(ROOM))
+    live = await writer.say(ROOM, "live")
+    got = await collect_chat(reader, 3)
+    assert [f["id"] for f in got] == [i.decode() for i in ids] + [live["id"]]
+    assert [f["content"] for f in got] == ["first", "second", "live"]

@@ -23,7 +23,7 @@ from hub.keys import Keys
 from hub.notifications import inbox_room
 from hub.tokens import RevocationStore
 from tests.conftest import PG_URL, make_config, url_of
-from tests.helpers import Client, connect, mint, wait_until
+from tests.helpers import Client, connect, mint, say_until_acked, wait_until
 from tests.redis_cluster import RedisClusterFixture, find_binary
 
 pytestmark = pytest.mark.skipif(find_binary("redis-server") is None or find_binary("redis-cli") is None,
@@ -230,24 +230,13 @@ async def test_master_failover_keeps_delivering_and_loses_nothing_acked(
     refused: list[str] = []
 
     async def write() -> None:
-        """Send one message at a time; one refused while the shard fails over is sent again (same
-        client_msg_id: stored once either way)."""
+        """One message at a time, each until acknowledged: one refused while the shard fails over may have been
+        stored all the same (the hub cannot tell when its call failed after sending), so it is sent again with
+        the same client_msg_id (stored once either way) rather than skipped."""
         index = 0
         while not (stop.is_set() and len(acked) >= 40):
-            msg_id = f"m{index}"
-            await writer.send({"type": "chat_message", "room": room, "content": msg_id, "client_msg_id": msg_id})
-            while True:
-                frame = await writer.next_frame(timeout_s=15)
-                if frame.get("client_msg_id") != msg_id:
-                    continue  # its own echoes
-                if frame["type"] == "ack":
-                    acked.append(frame["id"])
-                    index += 1
-                elif frame["type"] == "error":
-                    refused.append(frame["code"])
-                    # Retried at once, the publish would meet the same failover; a tenth of a second apart.
-                    await asyncio.sleep(0.1)  # by design; noqa: sleep-ok
-                break
+            acked.append(await say_until_acked(writer, room, f"m{index}", refused))
+            index += 1
 
     writing = asyncio.ensure_future(write())
     await wait_until(lambda: len(acked) >= 10, timeout_s=10, what="traffic before the failover")
@@ -266,3 +255,168 @@ async def test_master_failover_keeps_delivering_and_loses_nothing_acked(
     assert [eid.decode() for eid, _ in await cluster_redis.xrange(keys.stream(room))] == acked
     print(f"failover: subscriptions followed within {moved_s:.1f}s; {len(acked)} messages acked and delivered, "
           f"{len(refused)} refused and sent again ({sorted(set(refused))})")
+
+
+async def commands_on_masters(cluster: RedisClusterFixture) -> dict[str, int]:
+    """Calls per command (INFO commandstats) summed over the masters: every command the hubs sent, since a
+    replica only replays what its master already counted."""
+    totals: dict[str, int] = {}
+    for port in cluster.master_ports():
+        with cluster.client(port) as client:
+            stats = await asyncio.to_thread(client.info, "commandstats")
+        for name, values in stats.items():
+            command = name.removeprefix("cmdstat_")
+            totals[command] = totals.get(command, 0) + int(values["calls"])
+    return totals
+
+
+MESSAGES_COUNTED = 100
+RAW_COUNTED = 20
+
+
+def command_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {name: after[name] - before.get(name, 0) for name in after if after[name] != before.get(name, 0)}
+
+
+@pytest.mark.timeout(90)
+async def test_redis_commands_per_message_on_the_cluster(
+        cluster_nodes: ClusterNodes, redis_cluster: RedisClusterFixture, cluster_redis: Redis, prefix: str,
+        pg_schema: str) -> None:
+    """Counted on every master (INFO commandstats): 100 messages from a writer on node A to a member on node B
+    in one room cost what they cost on a standalone Redis (rate-limit script, publish script and its
+    announcement: 8 commands each, no stream read); 20 raw XADDs (which the relay reads with XREADGROUP) and
+    an archiver run (XREADGROUP per slot) are routed without a single ``COMMAND GETKEYS`` (redis-py asking a
+    node where a command's keys are, twice per XREADGROUP)."""
+    keys = Keys(prefix)
+    a, b = await cluster_nodes.start(), await cluster_nodes.start()
+    room = "channel_counted"
+    writer, reader = await connect(url_of(a), "1"), await connect(url_of(b), "2")
+    await writer.join(room)
+    await reader.join(room)
+    await writer.say(room, "warm-up")  # the first publish loads the pub/sub paths; not counted
+    await reader.expect("chat_message", room=room)
+
+    before = await commands_on_masters(redis_cluster)
+    for i in range(MESSAGES_COUNTED):
+        await writer.send({"type": "chat_message", "room": room, "content": f"m{i}"})
+    got = (await chat_by_room(reader, MESSAGES_COUNTED))[room]
+    after = await commands_on_masters(redis_cluster)
+    assert [f["content"] for f in got] == [f"m{i}" for i in range(MESSAGES_COUNTED)]
+    delta = command_delta(before, after)
+    per_message = sum(delta.values()) / MESSAGES_COUNTED
+    print(f"cluster: {per_message:.2f} commands per client message over all masters: {delta}")
+    assert "command|getkeys" not in delta
+    assert delta.get("xreadgroup", 0) <= MESSAGES_COUNTED // 10
+    assert per_message <= 9
+
+    before = after
+    for i in range(RAW_COUNTED):
+        await cluster_redis.xadd(keys.stream(room), {"sender_id": "backend", "content": f"raw{i}"})
+        assert (await reader.expect("chat_message", room=room))["content"] == f"raw{i}"
+    archiver = Archiver(cluster_redis, keys, PostgresConfig(url=PG_URL, schema=pg_schema),
+                        ArchiverConfig(name="counted-a1"))
+    await archiver.start()
+    try:
+        await asyncio.wait_for(archiver.run(burst=True), 30)
+    finally:
+        await archiver.close()
+    assert archiver.stats.rows_written == MESSAGES_COUNTED + RAW_COUNTED + 1
+    delta = command_delta(before, await commands_on_masters(redis_cluster))
+    print(f"cluster: {RAW_COUNTED} raw XADDs read by the relay and an archiver run: {delta}")
+    assert delta.get("xreadgroup", 0) >= RAW_COUNTED  # the stream reads this is about did happen
+    assert "command|getkeys" not in delta
+
+
+@pytest.mark.timeout(90)
+async def test_stream_reads_and_delivery_follow_a_slot_migration(
+        cluster_nodes: ClusterNodes, redis_cluster: RedisClusterFixture, cluster_redis: Redis, prefix: str) -> None:
+    """A room's slot is resharded to another master. Halfway (keys moved, the slot still the source's) the
+    cluster client's XREADGROUP is answered ASK and follows it to the target; once the slot is the target's, an
+    XREADGROUP sent to the source is answered MOVED and retried there; both read the right entries, and no
+    ``COMMAND GETKEYS`` is sent (the client finds an XREADGROUP's keys itself, after a redirection too). A
+    member on node B gets every entry (the writer's messages and a raw XADD sent right after the slot moved, when
+    the relays' subscriptions are still on the old master, which hears the room's announcements over the cluster
+    bus but not its keyspace notifications) once each and in order. Publishes while the slot is half-migrated are
+    refused and sent again until the migration completes, as a client does: redis-py 8.1's cluster client sends
+    ASKING on another pooled connection than the command it is for, which the target then answers MOVED, until
+    the redirections run out."""
+    keys = Keys(prefix)
+    a, b = await cluster_nodes.start(), await cluster_nodes.start()
+    room = "channel_resharded"
+    writer, reader = await connect(url_of(a), "1"), await connect(url_of(b), "2")
+    await writer.join(room)
+    await reader.join(room)
+    stream = keys.stream(room)
+    slot = cluster_redis.keyslot(stream)  # type: ignore[attr-defined]
+    source = redis_cluster.slot_owner(stream)
+    target = next(port for port in redis_cluster.master_ports() if port != source)
+    await cluster_redis.xgroup_create(stream, "probe", id="0")
+    sent = [(await writer.say(room, f"before {i}"))["id"] for i in range(3)]
+    before = await commands_on_masters(redis_cluster)
+
+    await asyncio.to_thread(redis_cluster.begin_slot_migration, slot, source, target)
+    asked = await redis_client.xreadgroup_many(cluster_redis, "probe", "c1", {stream: ">"})
+    assert [entry_id.decode() for entry_id, _ in asked[0][1]] == sent
+    refused: list[str] = []
+
+    async def write_while_migrating() -> list[str]:
+        return [await say_until_acked(writer, room, f"migrating-{i}", refused) for i in range(3)]
+
+    writing = asyncio.ensure_future(write_while_migrating())
+    await wait_until(lambda: bool(refused) or writing.done(), timeout_s=15, what="a publish while migrating")
+    await asyncio.to_thread(redis_cluster.finish_slot_migration, slot, source, target)
+    sent += await asyncio.wait_for(writing, 30)
+    with redis_cluster.client(target) as target_client:  # written behind the cluster client's back
+        raw_id = (await asyncio.to_thread(target_client.xadd, stream, {"sender_id": "backend", "content": "raw"}))
+    moved = await redis_client.xreadgroup_many(cluster_redis, "probe", "c1", {stream: ">"})
+    assert [entry_id.decode() for entry_id, _ in moved[0][1]] == [*sent[3:], raw_id.decode()]
+    sent.append(raw_id.decode())
+    sent += [(await writer.say(room, f"after {i}"))["id"] for i in range(3)]
+
+    delta = command_delta(before, await commands_on_masters(redis_cluster))
+    assert "command|getkeys" not in delta
+    got = (await chat_by_room(reader, len(sent), timeout_s=30))[room]
+    assert [f["id"] for f in got] == sent
+    assert redis_cluster.slot_owner(stream) == target
+    print(f"slot migration: {len(refused)} publishes refused while the slot was migrating and sent again")
+
+
+@pytest.mark.parametrize(("command", "expected"), [
+    (("XREADGROUP", "GROUP", "g", "c", "STREAMS", "k1", "k2", ">", ">"), ["k1", "k2"]),
+    (("XREADGROUP", "GROUP", "g", "c", "COUNT", 10, "BLOCK", 0, "NOACK", "STREAMS", b"k", b">"), [b"k"]),
+    (("XREADGROUP", "GROUP", "streams", "streams", "STREAMS", "k", "0"), ["k"]),  # names that look like keywords
+    (("XREAD", "COUNT", 5, "STREAMS", "k", "0-0"), ["k"]),
+    (("XREADGROUP", "GROUP", "g", "c", "STREAMS", "k1", "k2", ">"), None),  # odd: left to redis-py
+    (("XREADGROUP", "GROUP", "g", "c", "FUTURE", "STREAMS", "k", ">"), None),  # unknown option: left to redis-py
+    (("GET", "k"), None),
+])
+def test_stream_read_keys(command: tuple[Any, ...], expected: list[Any] | None) -> None:
+    """Where the cluster client finds an XREADGROUP's or XREAD's keys itself, and what it leaves to redis-py."""
+    assert redis_client.stream_read_keys(command[0], command[1:]) == expected
+
+
+async def test_a_burst_of_commands_waits_for_connections_instead_of_failing(
+        redis_cluster: RedisClusterFixture, prefix: str) -> None:
+    """300 commands and 100 pipelines at once through a cluster client allowed 4 connections per node: every one
+    succeeds (callers wait for a free connection, as with the standalone client's blocking pool) and no node gets
+    more than 4 of its connections. redis-py's cluster client alone raises MaxConnectionsError past the limit."""
+    client = redis_client.connect(redis_cluster.url, pool_size=4, pool_wait_s=10)
+    await redis_client.initialize(client)
+    try:
+        keys = [f"{prefix}{{burst{i}}}" for i in range(300)]
+
+        async def pipelined(key: str) -> list[Any]:
+            pipe = client.pipeline(transaction=False)
+            pipe.incr(key)
+            pipe.get(key)
+            return list(await pipe.execute())
+
+        singles = await asyncio.gather(*(client.set(key, "1") for key in keys))
+        pipelines = await asyncio.gather(*(pipelined(key) for key in keys[:100]))
+        assert all(singles) and all(reply == [2, b"2"] for reply in pipelines)
+        cluster = redis_client.as_cluster(client)
+        assert cluster is not None
+        assert max(len(node._connections) for node in cluster.get_nodes()) <= 4
+    finally:
+        await client.delete(*keys)
+        await client.aclose()
