@@ -248,14 +248,18 @@ class Session:
             return
         if self.connection.held_response is not None:
             data = self.connection.take_held_response() + data
-        self._transport.write(data)
-        self._outbox.writes += 1
-        self._outbox.frames += count
+        # Slow means: more than the limit is still unsent from earlier turns when more is due. Measured
+        # before this write, not after it, so one burst (a busy pipeline's worth of messages landing in
+        # one turn) does not cut off a client that reads as fast as it can.
         if self._transport.get_write_buffer_size() > self.node.config.server.outbox_limit_bytes:
             self.node.metrics.slow_disconnects += 1
             log.info("closing slow connection %s (user %s)", self.id, self.user_id)
             self.close(CloseCode.SLOW, "slow: the client did not read fast enough",
                        self.node.config.server.slow_close_grace_s)
+            return
+        self._transport.write(data)
+        self._outbox.writes += 1
+        self._outbox.frames += count
 
     def close(self, code: int, reason: str, grace_s: float) -> None:
         """Start the close handshake without waiting on the socket; abort after ``grace_s``."""
