@@ -336,7 +336,12 @@ class Session:
         self.node.deadlines.add(when, self)
 
     def _cancel_expiry(self) -> None:
-        self._expiry_due = None
+        if self._expiry_due is not None:
+            self._expiry_due = None
+            self.node.deadlines.cancelled()
+
+    def wants_deadline(self, when: float) -> bool:
+        return when == self._expiry_due
 
     def deadline_due(self, when: float) -> None:
         if when != self._expiry_due:

@@ -14,6 +14,9 @@ class Owner:
         self.done = done
         self.wanted: float | None = None
 
+    def wants_deadline(self, when: float) -> bool:
+        return when == self.wanted
+
     def deadline_due(self, when: float) -> None:
         if when != self.wanted:
             return  # forgotten: lazily cancelled
@@ -45,6 +48,9 @@ async def test_an_owner_may_add_its_next_deadline_from_the_callback() -> None:
     done = asyncio.Event()
 
     class Chained(Owner):
+        def wants_deadline(self, when: float) -> bool:
+            return True
+
         def deadline_due(self, when: float) -> None:
             fired.append(f"step{len(fired)}")
             if len(fired) < 3:
@@ -55,4 +61,25 @@ async def test_an_owner_may_add_its_next_deadline_from_the_callback() -> None:
     deadlines.add(loop.time(), Chained("chain", fired))
     await asyncio.wait_for(done.wait(), 5)
     assert fired == ["step0", "step1", "step2"]
+    deadlines.close()
+
+
+async def test_cancelled_deadlines_do_not_pile_up_under_churn() -> None:
+    """Connections come and go long before their tokens expire: their cancelled entries are dropped
+    once they outnumber the live ones, so the heap (and what it keeps alive) stays about as big as the
+    live set, not as big as every connection since the last expiry."""
+    loop = asyncio.get_running_loop()
+    deadlines = Deadlines()
+    fired: list[str] = []
+    live = []
+    for i in range(5000):
+        owner = Owner(f"c{i}", fired)
+        owner.wanted = loop.time() + 3600
+        deadlines.add(owner.wanted, owner)
+        if i % 10 == 0:
+            live.append(owner)  # one in ten stays connected
+        else:
+            owner.wanted = None  # closed: cancelled
+            deadlines.cancelled()
+    assert len(deadlines) <= 2 * len(live) + 64
     deadlines.close()
