@@ -8,6 +8,7 @@ import itertools
 import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import aiohttp
 
@@ -57,6 +58,28 @@ class Load:
             if task.exception() is not None:
                 raise task.exception()  # type: ignore[misc]
         assert not pending, f"{len(pending)} senders still busy {timeout_s}s after stop"
+
+
+async def join_members(ledger: Ledger, urls: dict[str, Any], rooms: Sequence[str]) -> dict[str, RecordingClient]:
+    """One recording client per user (user -> the hub URL, or a callable giving it per attempt), connected and
+    joined to every room in ``rooms``."""
+    clients = {}
+    for user, url in urls.items():
+        client = ledger.client(url, user, set(rooms))
+        await client.connect()
+        for room in rooms:
+            await client.join_room(room)
+        clients[user] = client
+    return clients
+
+
+def start_load(ledger: Ledger, clients: dict[str, RecordingClient], rooms: Sequence[str],
+               interval_s: float = 0.05) -> Load:
+    """Every client sending into ``rooms`` every ``interval_s`` until the load is stopped."""
+    load = Load(ledger)
+    for client in clients.values():
+        load.start(client, rooms, interval_s=interval_s)
+    return load
 
 
 async def wait_for(condition: Callable[[], bool | Awaitable[bool]], timeout_s: float, what: str | Callable[[], str],

@@ -12,7 +12,7 @@ from consumers.archiver import GROUP
 from hub.keys import Keys
 from tests.conftest import PG_URL, REDIS_URL, NodeFactory, url_of
 from tests.faults.conftest import ArchiverProcess
-from tests.faults.harness import Load, archiver_env, wait_for
+from tests.faults.harness import archiver_env, join_members, start_load, wait_for
 from tests.faults.invariants import Ledger
 
 pytestmark = pytest.mark.fault
@@ -43,16 +43,8 @@ async def test_archiver_killed_mid_batch_twice_every_acked_message_stored_once(
     # Batches wait up to 300 ms for more entries, so a kill lands while one is held.
     env = archiver_env(prefix, REDIS_URL, PG_URL, pg_schema, HUB_ARCHIVER_BATCH_MAX_AGE_MS="300")
     keys = Keys(prefix)
-    clients = {}
-    for user in ("1", "2", "3"):
-        client = ledger.client(url_of(node), user, set(ROOMS))
-        await client.connect()
-        for room in ROOMS:
-            await client.join_room(room)
-        clients[user] = client
-    load = Load(ledger)
-    for client in clients.values():
-        load.start(client, ROOMS, interval_s=0.01)
+    clients = await join_members(ledger, dict.fromkeys(("1", "2", "3"), url_of(node)), ROOMS)
+    load = start_load(ledger, clients, ROOMS, interval_s=0.01)
     held_at_kill = []
     for _kill in range(2):
         # The same consumer name each time: a restarted archiver re-reads what it held when it died.

@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import PG_URL, REDIS_URL
 from tests.faults.conftest import ArchiverProcess
-from tests.faults.harness import Load, archiver_env, wait_for
+from tests.faults.harness import archiver_env, join_members, start_load, wait_for
 from tests.faults.invariants import Ledger
 
 pytestmark = pytest.mark.fault
@@ -33,17 +33,9 @@ async def test_hub_node_killed_under_load_clients_resume_on_the_other_node_with_
         return lambda: first.url if first.process.poll() is None else other.url
 
     users_a, users_b = ["1", "2", "3"], ["4", "5", "6"]
-    clients = {}
-    for user in users_a + users_b:
-        url = prefer(node_a, node_b) if user in users_a else prefer(node_b, node_a)
-        client = ledger.client(url, user, set(ROOMS))
-        await client.connect()
-        for room in ROOMS:
-            await client.join_room(room)
-        clients[user] = client
-    load = Load(ledger)
-    for client in clients.values():
-        load.start(client, ROOMS, interval_s=0.02)
+    urls = {user: prefer(node_a, node_b) if user in users_a else prefer(node_b, node_a) for user in users_a + users_b}
+    clients = await join_members(ledger, urls, ROOMS)
+    load = start_load(ledger, clients, ROOMS, interval_s=0.02)
     await load.wait_acked(list(clients), 60)
     node_a.process.kill()  # SIGKILL: no close frame, no drain, in-flight acks lost
     await asyncio.to_thread(node_a.process.wait, 10)

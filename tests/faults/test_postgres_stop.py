@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import REDIS_URL, NodeFactory, url_of
 from tests.faults.conftest import ArchiverProcess
-from tests.faults.harness import Load, archiver_env
+from tests.faults.harness import archiver_env, join_members, start_load
 from tests.faults.invariants import Ledger
 from tests.pg_cluster import PgCluster
 from tests.test_archiver_faults import needs_pg_binaries, run_cli
@@ -31,16 +31,8 @@ async def test_postgres_stopped_immediately_during_load_every_acked_message_land
     node = await nodes.start(**{"postgres.url": url, "postgres.schema": "public"})
     archiver = archivers("pgstop", env)
     await archiver.ready()
-    clients = {}
-    for user in ("1", "2", "3"):
-        client = ledger.client(url_of(node), user, set(ROOMS))
-        await client.connect()
-        for room in ROOMS:
-            await client.join_room(room)
-        clients[user] = client
-    load = Load(ledger)
-    for client in clients.values():
-        load.start(client, ROOMS)
+    clients = await join_members(ledger, dict.fromkeys(("1", "2", "3"), url_of(node)), ROOMS)
+    load = start_load(ledger, clients, ROOMS)
     await load.wait_acked(list(clients), 40)
     await private_pg.astop("immediate")
     acked_at_stop = len(ledger.acked)
