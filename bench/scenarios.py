@@ -42,15 +42,7 @@ async def fanout(run: Run, result: dict[str, Any], *, subs: int, rate: float, du
     result["params"] = {"subs": subs, "rate": rate, "duration_s": duration_s, "payload_bytes": run.payload_bytes,
                         "room": room}
     before_connect = run.sampler.snapshot()
-    clients, result["connect"] = await run.connect_many(subs + 1, concurrency)
-    if len(clients) < 2:
-        raise RuntimeError(f"too few connections opened: {result['connect']}")
-    publisher = clients[-1]
-    publisher.is_publisher = True
-    joined, result["join"] = await run.join_all([(client, room) for client in clients])
-    if (publisher.id, room) not in joined:
-        raise RuntimeError("the publisher could not join the room")
-    await asyncio.sleep(SETTLE_S)
+    publisher, joined = await _one_room(run, result, room, subs, concurrency)
     before = run.sampler.snapshot()
     result["proc_connect"] = delta(before_connect, before)
     phase = run.tracker.new_phase(rate)
@@ -151,15 +143,7 @@ async def ramp(run: Run, result: dict[str, Any], *, subs: int, limits: RampLimit
     result["params"] = {"subs": subs, "ramp_start": limits.start_rate, "ramp_factor": limits.factor,
                         "step_s": limits.step_s, "max_steps": limits.max_steps, "p99_limit_ms": limits.p99_limit_ms,
                         "min_delivery": limits.min_delivery, "payload_bytes": run.payload_bytes, "room": room}
-    clients, result["connect"] = await run.connect_many(subs + 1, concurrency)
-    if len(clients) < 2:
-        raise RuntimeError(f"too few connections opened: {result['connect']}")
-    publisher = clients[-1]
-    publisher.is_publisher = True
-    joined, result["join"] = await run.join_all([(client, room) for client in clients])
-    if (publisher.id, room) not in joined:
-        raise RuntimeError("the publisher could not join the room")
-    await asyncio.sleep(SETTLE_S)
+    publisher, joined = await _one_room(run, result, room, subs, concurrency)
     pub = Publisher(publisher, room, len(joined) - 1)
     steps: list[dict[str, Any]] = []
     result.update(steps=steps, best=None, stop_reason=f"max steps ({limits.max_steps}) reached")
@@ -272,3 +256,18 @@ async def publish(run: Run, result: dict[str, Any], *, clients: int, messages: i
     result["ack_latency_ms"] = ack_latency_ms.summary()
     server_cpu = proc.get("server", {}).get("cpu_s")
     result["messages_per_server_cpu_s"] = round(len(ack_latency_ms) / server_cpu) if server_cpu else None
+
+
+async def _one_room(run: Run, result: dict[str, Any], room: str, subs: int, concurrency: int) -> tuple[Any, Any]:
+    """``subs`` members and one publisher (the last connection) connected and joined to ``room``, settled:
+    (the publisher, the joined (client id, room) pairs). Connect and join figures go into ``result``."""
+    clients, result["connect"] = await run.connect_many(subs + 1, concurrency)
+    if len(clients) < 2:
+        raise RuntimeError(f"too few connections opened: {result['connect']}")
+    publisher = clients[-1]
+    publisher.is_publisher = True
+    joined, result["join"] = await run.join_all([(client, room) for client in clients])
+    if (publisher.id, room) not in joined:
+        raise RuntimeError("the publisher could not join the room")
+    await asyncio.sleep(SETTLE_S)
+    return publisher, joined

@@ -129,18 +129,21 @@ _drain_max = click.option("--drain-max", "drain_max_s", type=click.FloatRange(mi
                           show_default=True, help="Never wait longer than this after the last publish.")
 
 
+
+def _load_options(func: F) -> F:
+    """The options every publishing scenario takes: drain, payload, handshake concurrency, target, output."""
+    for option in reversed((_drain, _drain_max, _payload, _concurrency, _target_options, _output_options)):
+        func = option(func)
+    return func
+
+
 @bench.command()
 @click.option("--subs", type=click.IntRange(1, 100_000), default=200, show_default=True, help="Members S.")
 @click.option("--rate", type=click.FloatRange(min=0.1), default=50.0, show_default=True,
               help="Publisher's messages per second R.")
 @click.option("--duration", "duration_s", type=click.FloatRange(min=0.1), default=20.0, show_default=True,
               help="Publishing time in seconds.")
-@_drain
-@_drain_max
-@_payload
-@_concurrency
-@_target_options
-@_output_options
+@_load_options
 @click.pass_context
 def fanout(ctx: click.Context, /, subs: int, rate: float, duration_s: float, drain_s: float, drain_max_s: float,
            concurrency: int, **opts: Any) -> None:
@@ -161,12 +164,7 @@ def fanout(ctx: click.Context, /, subs: int, rate: float, duration_s: float, dra
               help="Messages per second per member r.")
 @click.option("--duration", "duration_s", type=click.FloatRange(min=0.1), default=20.0, show_default=True,
               help="Publishing time in seconds.")
-@_drain
-@_drain_max
-@_payload
-@_concurrency
-@_target_options
-@_output_options
+@_load_options
 @click.pass_context
 def rooms(ctx: click.Context, /, room_count: int, members: int, member_rate: float, duration_s: float, drain_s: float,
           drain_max_s: float, concurrency: int, **opts: Any) -> None:

@@ -329,13 +329,15 @@ class Relay:
 
     def _on_announced(self, room: str, payload: bytes) -> None:
         """An entry room_publish.lua announced: deliver it now unless a read must come first."""
+        decoded = _decode_announcement(payload)
         unread = self._unread.get(room, 0)
         if unread > 0 and room not in self._unpaired:
             unread -= 1  # this entry's own keyspace notification, which came just before
             self._unread[room] = unread
             if unread == 0 and room not in self._held:
                 self._dirty.discard(room)  # its wake-up is served: no read needed
-        elif room in self.active and not room.startswith(INBOX_PREFIX) and not self._read_already(room, payload):
+        elif room in self.active and not room.startswith(INBOX_PREFIX) and not (
+                decoded is not None and decoded[1] <= self._delivered_up_to.get(room, _EMPTY)):
             # Its keyspace notification did not come first on this connection: the room's slot moved to another
             # Redis Cluster master (the announcement still reaches the old one over the cluster bus) and the
             # subscriptions have not followed yet, so a raw XADD's notification would be missed too. The stream
@@ -358,16 +360,12 @@ class Relay:
             # their announcements, and the second announcement would pair with the first's notification.)
             self.wake(room)
             return
-        try:
-            items = msgpack.unpackb(payload, raw=True)
-            raw_id = items[0]
-            entry_id = parse_stream_id(raw_id.decode("ascii"))
-            fields = dict(zip(items[1::2], items[2::2], strict=True))
-        except (ValueError, TypeError, IndexError, AttributeError, msgpack.UnpackException):
+        if decoded is None:
             log.warning("unreadable entry announcement in %s; reading the stream instead", room)
             self.wake(room)
             return
-        if entry_id <= self._delivered_up_to.get(room, (0, 0)):
+        raw_id, entry_id, fields = decoded
+        if entry_id <= self._delivered_up_to.get(room, _EMPTY):
             return  # a read already delivered it
         self._delivered_up_to[room] = entry_id
         self._cursor_behind.add(room)
@@ -377,14 +375,6 @@ class Relay:
             self._undeliverable(room, raw_id)
         else:
             self._hand_over(room, [delivery])
-
-    def _read_already(self, room: str, payload: bytes) -> bool:
-        """Whether a read delivered the announced entry (it may run between a notification and its entry)."""
-        try:
-            raw_id = msgpack.unpackb(payload, raw=True)[0]
-            return bool(parse_stream_id(raw_id.decode("ascii")) <= self._delivered_up_to.get(room, (0, 0)))
-        except (ValueError, TypeError, IndexError, AttributeError, msgpack.UnpackException):
-            return False  # left to the unreadable-announcement path below
 
     def _undeliverable(self, room: str, raw_id: bytes) -> None:
         self.undeliverable_entries += 1
@@ -560,6 +550,16 @@ class Relay:
             delivered_marks.append((name, deliveries[-1].entry_id))
         if len(entries) >= self._config.read_count:
             self.wake(name)  # more may be waiting
+
+
+def _decode_announcement(payload: bytes) -> tuple[bytes, StreamId, dict[bytes, bytes]] | None:
+    """room_publish.lua's msgpack [id, field, value, ...] as (raw id, id, fields); None if unreadable."""
+    try:
+        items = msgpack.unpackb(payload, raw=True)
+        raw_id = items[0]
+        return raw_id, parse_stream_id(raw_id.decode("ascii")), dict(zip(items[1::2], items[2::2], strict=True))
+    except (ValueError, TypeError, IndexError, AttributeError, msgpack.UnpackException):
+        return None
 
 
 def _stream_items(response: Any) -> list[tuple[Any, list[tuple[bytes, dict[bytes, bytes]]]]]:
