@@ -36,6 +36,9 @@ SYSTEM_ROOM = "system"
 ROLE_PREFIX = "role:"
 # The inbox meta hash's field holding the newest entry delivered to any of the user's connections.
 DELIVERED_FIELD = "delivered"
+# A reminder delivered more than this after its due time says so (data.late): it fell due while no
+# node ran. Twice the scheduler's idle poll, which a reminder added by a plain ZADD may wait for.
+LATE_AFTER_MS = 2000
 
 
 def inbox_room(user_id: str) -> str:
@@ -112,32 +115,50 @@ async def schedule_reminder(redis: Redis, keys: Keys, room: str, due_ms: int, te
 
 class ReminderScheduler:
     """Run by every node: claims due reminders (a lease, so a node that dies mid-delivery hands them
-    to another), publishes each idempotently (its id is the client_msg_id), then drops it."""
+    to another), publishes each idempotently (its id is the client_msg_id), then drops it.
 
-    def __init__(self, scripts: Scripts, keys: Keys, publish: Any, poll_s: float = 0.25,
+    It sleeps until the earliest reminder is due (the claim script says when), and at most
+    ``idle_poll_s`` between polls, so a reminder a backend adds with a plain ZADD is seen within that.
+    Not a fixed 0.25 s poll: on an idle node, four wake-ups a second were most of its CPU, and with
+    many nodes they add up to a steady load on Redis for nothing.
+    """
+
+    BATCH = 100
+
+    def __init__(self, scripts: Scripts, keys: Keys, publish: Any, idle_poll_s: float = 1.0,
                  lease_ms: int = 10_000) -> None:
         self._scripts = scripts
         self._keys = keys
         self._publish = publish  # async (room, fields, idempotency id) -> None
-        self._poll_s = poll_s
+        self._idle_poll_s = idle_poll_s
         self._lease_ms = lease_ms
         self.delivered = 0
+        # The earliest due time (ms) the last claim saw in Redis; None when nothing is scheduled.
+        self.next_due_ms: int | None = None
 
     async def run(self) -> None:
+        """Claim and publish due reminders until cancelled."""
         while True:
+            delay_s = self._idle_poll_s
             try:
-                await self.tick()
+                if await self.tick() >= self.BATCH:
+                    delay_s = 0.0  # more may be due at once
+                elif self.next_due_ms is not None:
+                    delay_s = min(delay_s, max(0.0, (self.next_due_ms - time.time() * 1000) / 1000))
             except RedisError as exc:
                 log.warning("reminder poll failed: %s", type(exc).__name__)
-            await asyncio.sleep(self._poll_s)
+            await asyncio.sleep(delay_s)
 
     async def tick(self) -> int:
+        """Claim and publish what is due now; returns how many were claimed."""
         now_ms = int(time.time() * 1000)
-        claimed: Any = await self._scripts.call(
+        reply: Any = await self._scripts.call(
             "reminders_claim", [self._keys.reminders_due(), self._keys.reminders_claimed()],
-            [now_ms, self._lease_ms, 100])
+            [now_ms, self._lease_ms, self.BATCH])
+        next_due, *claimed = reply
+        self.next_due_ms = int(next_due) if int(next_due) >= 0 else None
         done = 0
-        for raw in claimed or []:
+        for raw in claimed:
             reminder = Reminder.decode(raw)
             if reminder is None:
                 log.warning("dropping a malformed reminder")
@@ -145,7 +166,7 @@ class ReminderScheduler:
                 continue
             late_ms = max(0, now_ms - reminder.due_ms)
             data = {**reminder.data, "text": reminder.text, "due_at": iso_ms(reminder.due_ms)}
-            if late_ms > 1000:
+            if late_ms > LATE_AFTER_MS:
                 data["late"] = True
                 data["late_by_ms"] = late_ms
             fields: list[bytes | str] = ["type", "deadline_reminder", "sender_id", "reminders",
@@ -155,4 +176,4 @@ class ReminderScheduler:
             await self._scripts.redis.zrem(self._keys.reminders_claimed(), raw)
             done += 1
         self.delivered += done
-        return done
+        return len(claimed)

@@ -6,8 +6,10 @@
 -- ARGV[2]  lease (ms)
 -- ARGV[3]  how many at most
 --
--- Returns the claimed reminders (JSON strings). Each moves from due to claimed with a lease; a
--- claim whose lease ran out (its node died before publishing and removing it) is claimed again.
+-- Returns {next, claimed reminders (JSON strings)...}: next is the earliest time (ms) anything is due
+-- after this claim, in either set (-1 when both are empty), so a node can sleep until then instead of
+-- polling. Each claimed reminder moves from due to claimed with a lease; a claim whose lease ran out
+-- (its node died before publishing and removing it) is claimed again.
 -- Publishing is idempotent per reminder id, so a reminder is delivered once even when claimed twice.
 local now = tonumber(ARGV[1])
 local lease_end = now + tonumber(ARGV[2])
@@ -24,4 +26,13 @@ if #taken < limit then
     taken[#taken + 1] = member
   end
 end
+local next_due = -1
+for _, key in ipairs(KEYS) do
+  local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+  if first[2] ~= nil then
+    local score = tonumber(first[2])
+    if next_due < 0 or score < next_due then next_due = score end
+  end
+end
+table.insert(taken, 1, next_due)
 return taken
