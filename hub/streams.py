@@ -19,7 +19,7 @@ import msgpack
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
-from hub.batching import CommandBatcher, discard, exchange
+from hub.batching import CommandBatcher, PipelineLink, discard
 from hub.errors import RateLimited, Unavailable
 from hub.keys import Keys
 from hub.limits import RateCheck
@@ -246,6 +246,7 @@ class Publisher:
         self._ttl_s = idempotency_ttl_s
         self._queue: list[_Request] = []
         self._wake = asyncio.Event()
+        self._link = PipelineLink(streams.redis)
         self.batches = 0  # pipelines sent, for metrics and tests
 
     def submit(self, room: str, sender_id: str, client_msg_id: str | None, fields: list[bytes | str],
@@ -333,7 +334,7 @@ class Publisher:
             try:
                 # One pipeline under one timer, packed by hiredis (hub/batching.py), not redis-py's
                 # pipeline, which packs in Python and arms a timer per reply.
-                results = await exchange(self._streams.redis, commands)
+                results = await self._link.exchange(commands)
             except (RedisError, OSError) as exc:
                 log.warning("publish pipeline failed: %s", type(exc).__name__)
                 for req in batch:
