@@ -168,7 +168,8 @@ class App:
         self.node = Node(self.config, self.node_id, streams, publisher, self.keys, self.pool)
         self.guard = self._token_guard(self.redis, self.node)
         self.api = Api(self.node, self.guard)
-        self.outbox = Outbox(asyncio.get_running_loop(), self.config.server.write_delay_ms / 1000)
+        self.outbox = Outbox(asyncio.get_running_loop(), self.config.server.write_delay_ms / 1000,
+                             self.config.server.outbox_limit_bytes)
         node = self.node
         server_cfg = self.config.server
         self.keepalive = Keepalive(lambda: node.registry.sessions, server_cfg.ping_interval_s,

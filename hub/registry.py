@@ -107,13 +107,14 @@ class Registry:
         queued = 0
         members = list(local.members.values())
         for delivery in deliveries:
+            wire = delivery.wire
+            events_too = not delivery.is_chat  # (update subscribers get backend events, not chat)
             for member in members:
-                if delivery.is_chat and not member.joined:
-                    continue
-                if member.buffer is not None:
-                    member.buffer.append(delivery)
-                elif member.session.send_wire(delivery.wire):
-                    queued += 1
+                if member.joined or events_too:
+                    if member.buffer is None:
+                        queued += member.session.send_wire(wire)
+                    else:
+                        member.buffer.append(delivery)
         return queued
 
     def deliver_ephemeral(self, room: str, payload: bytes) -> None:

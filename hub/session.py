@@ -127,11 +127,15 @@ class Outbox:
     """Writes every session's pending frames once per event-loop turn, or, with a write delay, once
     per delay window (server.write_delay_ms): frames due to one connection within it share one write."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, write_delay_s: float = 0.0) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, write_delay_s: float = 0.0,
+                 limit_bytes: int = 1 << 20) -> None:
         self._loop = loop
         self._dirty: list[Session] = []
         self._scheduled = False
         self._write_delay_s = write_delay_s
+        # A connection with more than this still unsent from earlier writes when more is due is slow
+        # (server.outbox_limit_bytes).
+        self.limit_bytes = limit_bytes
         # Transport writes made, and frames they carried (for metrics and tests).
         self.writes = 0
         self.frames = 0
@@ -166,6 +170,7 @@ class Session:
         "_inflight",
         "_outbox",
         "_pending",
+        "_protocol",
         "_transport",
         "auto_away",
         "closing",
@@ -193,6 +198,7 @@ class Session:
         self.id = f"{node.node_id}-{next(_ids)}"
         self._outbox = outbox
         self._transport = connection.transport
+        self._protocol = connection.protocol  # (its state is checked before every write)
         # Frames waiting for this turn's write; emptied by flush().
         self._pending: list[bytes] = []
         self._dirty = False
@@ -223,7 +229,7 @@ class Session:
     def send_wire(self, wire: bytes) -> bool:
         """Queue one complete WebSocket frame; written at the end of this loop turn. False when the
         session is closing or its peer already started closing (nothing queued)."""
-        if self.closing or self.connection.protocol.state is not State.OPEN:
+        if self.closing or self._protocol.state is not State.OPEN:
             return False
         self._pending.append(wire)
         if not self._dirty:
@@ -244,14 +250,14 @@ class Session:
         count = len(self._pending)
         data = self._pending[0] if count == 1 else b"".join(self._pending)
         self._pending.clear()
-        if self.closing or self.connection.protocol.state is not State.OPEN:
+        if self.closing or self._protocol.state is not State.OPEN:
             return
         if self.connection.held_response is not None:
             data = self.connection.take_held_response() + data
         # Slow means: more than the limit is still unsent from earlier turns when more is due. Measured
         # before this write, not after it, so one burst (a busy pipeline's worth of messages landing in
         # one turn) does not cut off a client that reads as fast as it can.
-        if self._transport.get_write_buffer_size() > self.node.config.server.outbox_limit_bytes:
+        if self._transport.get_write_buffer_size() > self._outbox.limit_bytes:
             self.node.metrics.slow_disconnects += 1
             log.info("closing slow connection %s (user %s)", self.id, self.user_id)
             self.close(CloseCode.SLOW, "slow: the client did not read fast enough",
