@@ -8,7 +8,9 @@ messages instead of one EVALSHA round trip per message.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import os
 import secrets
 import time
 from collections.abc import Sequence
@@ -32,8 +34,25 @@ log = logging.getLogger("hub.streams")
 Entry = tuple[bytes, dict[bytes, bytes]]
 
 
+# Epochs of this process: a random 64-bit start, then counting up. Unique like a random one per call
+# (the start is random per process), without a getrandom() system call for every publish: each
+# publish carries an epoch in case it creates its room.
+_epochs = itertools.count(secrets.randbits(64))
+
+
+def _reseed_epochs() -> None:
+    global _epochs
+    _epochs = itertools.count(secrets.randbits(64))
+
+
+# Forked workers (hubctl serve --workers) must not count from the same start: two of them could give a room
+# recreated after a Redis data loss the epoch it had, and resuming clients would not learn of the loss.
+os.register_at_fork(after_in_child=_reseed_epochs)
+
+
 def new_epoch() -> str:
-    return secrets.token_hex(8)
+    """A fresh room epoch: 16 hex digits."""
+    return format(next(_epochs) & 0xFFFF_FFFF_FFFF_FFFF, "016x")
 
 
 @dataclass(frozen=True)

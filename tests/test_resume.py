@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
+import pytest
 from redis.asyncio import Redis
 
 from hub.app import App
 from hub.keys import Keys
+from hub.streams import new_epoch
 from tests.conftest import NodeFactory, url_of
 from tests.helpers import connect
 
@@ -153,3 +157,22 @@ async def test_join_again_while_joined_answers_the_resume(node: App) -> None:
     again = await client.join(ROOM, since={"epoch": joined["epoch"], "last_id": ids[0]})
     assert again["already_joined"] is True and again["recovered"] is True
     assert [m["id"] for m in again["messages"]] == ids[1:]
+
+
+@pytest.mark.timeout(10)
+def test_epochs_are_unique_in_a_process_and_across_forked_workers() -> None:
+    """Epochs count up from a random start (no getrandom() per publish); a forked worker starts afresh, so a
+    room recreated after a Redis data loss never gets back the epoch it had on another worker."""
+    mine = {new_epoch() for _ in range(1000)}
+    assert len(mine) == 1000 and all(len(e) == 16 and int(e, 16) >= 0 for e in mine)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its next epochs and leave at once
+        os.write(write_end, " ".join(new_epoch() for _ in range(1000)).encode())
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        child = set(pipe.read().decode().split())
+    os.waitpid(pid, 0)
+    parent_next = {new_epoch() for _ in range(1000)}
+    assert len(child) == 1000 and not child & (mine | parent_next)
