@@ -38,7 +38,7 @@ from hub.keepalive import Keepalive
 from hub.keys import Keys
 from hub.lua import Scripts
 from hub.node import Node
-from hub.notifications import ReminderScheduler, is_internal
+from hub.notifications import ReminderScheduler, is_internal, is_reminders_wake
 from hub.server import Handshake, json_response
 from hub.session import HubConnection, Outbox, Session
 from hub.streams import Publisher, Streams
@@ -148,6 +148,8 @@ class App:
         # Audit writer and the token guard (revocations, refresh, expiry); built in start().
         self.audit: Audit | None = None
         self.guard: TokenGuard | None = None
+        # Delivers due deadline reminders; built in start().
+        self.reminders: ReminderScheduler | None = None
         self.port: int | None = None
         # The web UI's files (hub/web, listed once) and the dashboard's cluster snapshot (taken on request).
         self.web = StaticFiles()
@@ -166,6 +168,7 @@ class App:
                               linger_s=self.config.server.publish_linger_ms / 1000)
         self.pool = await self._connect_postgres()
         self.node = Node(self.config, self.node_id, streams, publisher, self.keys, self.pool)
+        self.reminders = ReminderScheduler(scripts, self.keys, self._publish_reminder)
         self.guard = self._token_guard(self.redis, self.node)
         self.api = Api(self.node, self.guard)
         self.outbox = Outbox(asyncio.get_running_loop(), self.config.server.write_delay_ms / 1000,
@@ -183,7 +186,7 @@ class App:
             loop.create_task(self._heartbeat(), name="heartbeat"),
             loop.create_task(self._reap_idle(), name="idle-reaper"),
             loop.create_task(self.keepalive.run(), name="keepalive"),
-            loop.create_task(ReminderScheduler(scripts, self.keys, self._publish_reminder).run(), name="reminders"),
+            loop.create_task(self.reminders.run(), name="reminders"),
         ]
         self.server = await serve(
             self._handle,
@@ -218,7 +221,13 @@ class App:
         self.audit = Audit(redis, self.keys, self.config.audit, self.node_id)
         self.audit.start()
         watch = RevocationWatch(node.registry, self.audit, self.config.server.slow_close_grace_s)
-        node.relay.on_control = watch.on_control
+
+        def on_control(data: bytes) -> None:
+            watch.on_control(data)
+            if self.reminders is not None and is_reminders_wake(data):
+                self.reminders.wake()
+
+        node.relay.on_control = on_control
         store = RevocationStore(redis, self.keys, fail_open=self.config.auth.revocation_fail_open,
                                 batcher=node.streams.batcher)
         return TokenGuard(self.config.auth, self._verifier, store, watch, self.audit)

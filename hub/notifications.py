@@ -14,6 +14,7 @@ notification sent while the user was away arrives on their next connect, once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -28,6 +29,7 @@ from redis.exceptions import RedisError
 from hub.keys import Keys
 from hub.lua import Scripts
 from hub.protocol import StreamId, format_stream_id, iso_ms
+from hub.redis_client import publish
 
 log = logging.getLogger("hub.notifications")
 
@@ -37,7 +39,7 @@ ROLE_PREFIX = "role:"
 # The inbox meta hash's field holding the newest entry delivered to any of the user's connections.
 DELIVERED_FIELD = "delivered"
 # A reminder delivered more than this after its due time says so (data.late): it fell due while no
-# node ran. Twice the scheduler's idle poll, which a reminder added by a plain ZADD may wait for.
+# node ran (or was added for a past time).
 LATE_AFTER_MS = 2000
 
 
@@ -105,11 +107,26 @@ class Reminder:
             return None
 
 
+# Published on the control channel after a reminder is added: every node's scheduler looks again at once
+# (its next due time may now be sooner). A backend that ZADDs a reminder may publish it too.
+REMINDERS_WAKE = b'{"op":"reminders"}'
+
+
+def is_reminders_wake(data: bytes) -> bool:
+    """Whether a control-channel message is :data:`REMINDERS_WAKE` (in any JSON spelling)."""
+    try:
+        body = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(body, dict) and body.get("op") == "reminders"
+
+
 async def schedule_reminder(redis: Redis, keys: Keys, room: str, due_ms: int, text: str,
                             data: dict[str, Any] | None = None) -> Reminder:
     """Schedule a deadline_reminder for ``room`` (a room name or an internal ``inbox:USER``)."""
     reminder = Reminder(secrets.token_hex(8), room, due_ms, text, data or {})
     await redis.zadd(keys.reminders_due(), {reminder.encode(): due_ms})
+    await publish(redis, keys.control_channel(), REMINDERS_WAKE)
     return reminder
 
 
@@ -117,15 +134,16 @@ class ReminderScheduler:
     """Run by every node: claims due reminders (a lease, so a node that dies mid-delivery hands them
     to another), publishes each idempotently (its id is the client_msg_id), then drops it.
 
-    It sleeps until the earliest reminder is due (the claim script says when), and at most
-    ``idle_poll_s`` between polls, so a reminder a backend adds with a plain ZADD is seen within that.
-    Not a fixed 0.25 s poll: on an idle node, four wake-ups a second were most of its CPU, and with
-    many nodes they add up to a steady load on Redis for nothing.
+    It sleeps until the earliest reminder is due (the claim script says when), or until a new reminder
+    is announced (:data:`REMINDERS_WAKE` on the control channel, see :meth:`wake`), and polls at least
+    every ``idle_poll_s``, so a reminder a backend adds with a plain ZADD and no announcement is seen
+    within that. Not a fixed 0.25 s poll: on an idle node, four wake-ups a second were most of its CPU,
+    and with many nodes they add up to a steady load on Redis for nothing.
     """
 
     BATCH = 100
 
-    def __init__(self, scripts: Scripts, keys: Keys, publish: Any, idle_poll_s: float = 1.0,
+    def __init__(self, scripts: Scripts, keys: Keys, publish: Any, idle_poll_s: float = 5.0,
                  lease_ms: int = 10_000) -> None:
         self._scripts = scripts
         self._keys = keys
@@ -133,8 +151,14 @@ class ReminderScheduler:
         self._idle_poll_s = idle_poll_s
         self._lease_ms = lease_ms
         self.delivered = 0
+        self.polls = 0  # claims run (for tests)
         # The earliest due time (ms) the last claim saw in Redis; None when nothing is scheduled.
         self.next_due_ms: int | None = None
+        self._woken = asyncio.Event()
+
+    def wake(self) -> None:
+        """Look at the reminders again now (one was added)."""
+        self._woken.set()
 
     async def run(self) -> None:
         """Claim and publish due reminders until cancelled."""
@@ -147,7 +171,10 @@ class ReminderScheduler:
                     delay_s = min(delay_s, max(0.0, (self.next_due_ms - time.time() * 1000) / 1000))
             except RedisError as exc:
                 log.warning("reminder poll failed: %s", type(exc).__name__)
-            await asyncio.sleep(delay_s)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay_s):
+                    await self._woken.wait()
+            self._woken.clear()
 
     async def tick(self) -> int:
         """Claim and publish what is due now; returns how many were claimed."""
@@ -156,6 +183,7 @@ class ReminderScheduler:
             "reminders_claim", [self._keys.reminders_due(), self._keys.reminders_claimed()],
             [now_ms, self._lease_ms, self.BATCH])
         next_due, *claimed = reply
+        self.polls += 1
         self.next_due_ms = int(next_due) if int(next_due) >= 0 else None
         done = 0
         for raw in claimed:

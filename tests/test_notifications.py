@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 from hub.keys import Keys
 from hub.notifications import inbox_room, schedule_reminder
 from tests.conftest import NodeFactory, url_of
-from tests.helpers import Client, connect, mint
+from tests.helpers import Client, connect, mint, wait_until
 
 
 async def xadd_event(redis: Redis, stream: str, etype: str, data: dict[str, Any]) -> str:
@@ -163,6 +163,27 @@ async def test_reminder_due_in_two_seconds_fires_once_with_three_nodes(
     assert [m["type"] for m in replay["messages"]] == ["deadline_reminder"]  # stored once
     assert await redis_client.zcard(Keys(prefix).reminders_due()) == 0
     assert await redis_client.zcard(Keys(prefix).reminders_claimed()) == 0
+
+
+@pytest.mark.timeout(30)
+async def test_a_new_reminder_wakes_every_node_at_once(nodes: NodeFactory, redis_client: Redis, prefix: str) -> None:
+    """Nodes do not poll for reminders on a short timer: adding one announces it on the control channel, and
+    every node's scheduler looks again at once. Here the nodes would otherwise not look for an hour."""
+    two = [await nodes.start() for _ in range(2)]
+    schedulers = [app.reminders for app in two if app.reminders is not None]
+    polls = [scheduler.polls for scheduler in schedulers]
+    for scheduler in schedulers:
+        scheduler._idle_poll_s = 3600.0  # from its next sleep on
+        scheduler.wake()  # ends the sleep in progress (at most 5 s)
+    # Once a scheduler has polled again, it is asleep for the hour (nothing awaits between its poll and sleep).
+    await wait_until(lambda: all(s.polls > before for s, before in zip(schedulers, polls, strict=True)),
+                     timeout_s=5, what="the schedulers' next poll")
+    member = await connect(url_of(two[1]), "1")
+    await member.join("channel_woken")
+    await schedule_reminder(redis_client, Keys(prefix), "channel_woken", int(time.time() * 1000), "now")
+    reminder = await member.expect("deadline_reminder", timeout_s=10)
+    assert reminder["data"]["text"] == "now" and "late" not in reminder["data"]
+    assert sum(scheduler.delivered for scheduler in schedulers) == 1
 
 
 async def test_overdue_reminder_is_delivered_late_and_says_so(
