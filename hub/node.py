@@ -199,16 +199,50 @@ class Node:
         try:
             await self._dispatch(session, envelope)
         except ClientError as exc:
-            exc.request_type = envelope.type
-            exc.request_id = envelope.request_id
-            self._count_error(exc)
-            session.note_refusal(exc, _room_of(envelope))  # audits ACL denials and rate-limit hits
-            session.send_error(exc, room=_room_of(envelope))
+            self._refuse(session, envelope, exc)
         except Exception:
             log.exception("internal error handling %s", envelope.type)
-            err = ClientError("internal error; the connection stays open", code="internal_error")
-            err.request_type, err.request_id = envelope.type, envelope.request_id
-            session.send_error(err, room=_room_of(envelope))
+            self._internal_error(session, envelope)
+
+    def handle_frame_now(self, session: Session, raw: str) -> bool:
+        """handle_frame for a chat message whose publish can be submitted without waiting (the session has a
+        free in-flight slot and is not auto-away), called synchronously as the frame arrives; False, with
+        nothing done, for any other frame (the session's task handles it, parsing it again)."""
+        if session.auto_away:
+            return False
+        try:
+            envelope = parse_client_frame(raw, self.config.server.max_content_bytes,
+                                          self.config.rooms.max_join_history)
+        except Exception:
+            return False  # handle_frame reports it
+        frame = envelope.frame
+        if not isinstance(frame, ChatMessage):
+            return False
+        self.metrics.frames_received += 1
+        try:
+            room = self._check_publish(session, frame)
+            if not session.take_publish_slot():
+                self.metrics.frames_received -= 1  # handle_frame counts it
+                return False
+            self._submit_publish(session, envelope, frame, room)
+        except ClientError as exc:
+            self._refuse(session, envelope, exc)
+        except Exception:
+            log.exception("internal error handling %s", envelope.type)
+            self._internal_error(session, envelope)
+        return True
+
+    def _refuse(self, session: Session, envelope: Envelope, exc: ClientError) -> None:
+        exc.request_type = envelope.type
+        exc.request_id = envelope.request_id
+        self._count_error(exc)
+        session.note_refusal(exc, _room_of(envelope))  # audits ACL denials and rate-limit hits
+        session.send_error(exc, room=_room_of(envelope))
+
+    def _internal_error(self, session: Session, envelope: Envelope) -> None:
+        err = ClientError("internal error; the connection stays open", code="internal_error")
+        err.request_type, err.request_id = envelope.type, envelope.request_id
+        session.send_error(err, room=_room_of(envelope))
 
     def _count_error(self, exc: ClientError) -> None:
         self.metrics.client_errors[exc.code] = self.metrics.client_errors.get(exc.code, 0) + 1
@@ -480,6 +514,12 @@ class Node:
     # ------------------------------------------------------------------ publish
 
     async def _publish(self, session: Session, env: Envelope, msg: ChatMessage) -> None:
+        room = self._check_publish(session, msg)
+        await session.inflight.acquire()
+        self._submit_publish(session, env, msg, room)
+
+    def _check_publish(self, session: Session, msg: ChatMessage) -> Room:
+        """The message's room, if the session may publish this message there; raises ClientError if not."""
         room = self._parse(msg.room)
         member = self.registry.membership(room.name, session)
         if member is None or not member.joined:
@@ -487,7 +527,11 @@ class Node:
         check_publish(room, session.principal, self.rules)
         if msg.message_type == "system" and not (session.principal.roles & {"admin", "support"}):
             raise Forbidden("only support and admin may send system messages")
-        await session.inflight.acquire()
+        return room
+
+    def _submit_publish(self, session: Session, env: Envelope, msg: ChatMessage, room: Room) -> None:
+        """Hand a checked message to the publisher (the caller holds an in-flight slot); the ack or the error
+        goes to the session when Redis answers."""
         created_at_ms = _now_ms()
         stored = self.sealer.seal(room.name, session.user_id, created_at_ms, msg.content, msg.sensitive)
         fields = chat_entry_fields(session.user_id, msg, created_at_ms, stored)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from redis.exceptions import RedisError
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 
 from hub.auth import VerifiedToken
@@ -46,8 +47,8 @@ class HubConnection(ServerConnection):
     dict past CPython's shared-key limit and cost ~1.5 KB per connection.
     """
 
-    __slots__ = ("client_ip", "client_type", "client_version", "device_id", "held_response", "last_data_at", "lease",
-                 "pinged_at", "verified")
+    __slots__ = ("client_ip", "client_type", "client_version", "device_id", "frame_handler", "held_response",
+                 "last_data_at", "lease", "pinged_at", "verified")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -71,6 +72,9 @@ class HubConnection(ServerConnection):
         # ourselves); it appends, removes and iterates, which a list does in 56 bytes instead of a
         # deque's ~760.
         self.drain_waiters = []  # type: ignore[assignment]
+        # The session's handler for a text message it can serve at once (see process_event); None until the
+        # session serves, and for HTTP requests.
+        self.frame_handler: Callable[[str], bool] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -84,6 +88,23 @@ class HubConnection(ServerConnection):
     def data_received(self, data: bytes) -> None:
         self.last_data_at = self.loop.time()
         super().data_received(data)
+
+    def process_event(self, event: Any) -> None:
+        """A complete text message with nothing queued before it goes straight to the session's frame handler,
+        which serves it now if it can (a chat message while nothing else of the session's is being handled):
+        not through websockets' message queue and a wake-up of the session's task, which cost about as much
+        as the rest of a publish. Everything else (and a message the handler declines) takes websockets' way."""
+        handler = self.frame_handler
+        if handler is not None and type(event) is Frame and event.opcode is Opcode.TEXT and event.fin \
+                and not self.recv_messages.frames.queue:
+            try:
+                text = str(event.data, "utf-8")
+            except UnicodeDecodeError:
+                pass  # websockets closes the connection with 1007
+            else:
+                if handler(text):
+                    return
+        super().process_event(event)
 
     def hold_response(self) -> None:
         """Hold the handshake response (an accepted upgrade) until the session's first write."""
@@ -164,6 +185,7 @@ class Session:
 
     __slots__ = (
         "_abort_handle",
+        "_busy",
         "_dirty",
         "_expiry_due",
         "_expiry_warned",
@@ -202,6 +224,9 @@ class Session:
         # Frames waiting for this turn's write; emptied by flush().
         self._pending: list[bytes] = []
         self._dirty = False
+        # True while the session's task handles a frame (or before it serves): a later frame must then wait its
+        # turn in websockets' queue instead of being served at once (see handle_now).
+        self._busy = True
         # Set once the session stops accepting frames (closing, slow, or closed).
         self.closing = False
         # Timer that aborts the TCP connection if the client never answers our close frame.
@@ -301,20 +326,51 @@ class Session:
                 "heartbeat_s": self.node.config.server.ping_interval_s,
             })
             self._schedule_expiry()
+        conn.frame_handler = self.handle_now
         try:
+            self._busy = False
             async for raw in conn:
                 self.last_frame_at = time.monotonic()
                 if self.closing:
                     continue
-                await self.node.handle_frame(self, raw)
+                self._busy = True
+                try:
+                    await self.node.handle_frame(self, raw)
+                finally:
+                    self._busy = False
         except ConnectionClosed:
             pass
         finally:
+            conn.frame_handler = None
             self.closing = True
             self._cancel_expiry()
             if self._abort_handle is not None:
                 self._abort_handle.cancel()
             await self.node.session_closed(self)
+
+    def handle_now(self, raw: str) -> bool:
+        """Serve a received text message synchronously, from the connection's data callback, if it can be
+        (see Node.handle_frame_now) and nothing of this session's is being handled; False leaves it to the
+        session's task, in order."""
+        if self._busy or self.closing:
+            return False
+        if not self.node.handle_frame_now(self, raw):
+            return False
+        self.last_frame_at = time.monotonic()
+        return True
+
+    def take_publish_slot(self) -> bool:
+        """Take an in-flight publish slot if one is free now (no waiting); see inflight."""
+        slots = self.inflight
+        if slots.locked():
+            return False
+        acquire = slots.acquire()
+        try:
+            acquire.send(None)  # not locked: acquire() returns without suspending
+        except StopIteration:
+            return True
+        acquire.close()
+        raise RuntimeError("a free semaphore suspended its acquire()")
 
     # ------------------------------------------------------------------ token lifetime
 

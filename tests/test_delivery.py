@@ -12,7 +12,7 @@ from redis.asyncio import Redis
 from hub.app import App
 from hub.keys import Keys
 from tests.conftest import url_of
-from tests.helpers import Client, collect_chat, connect
+from tests.helpers import Client, collect_chat, connect, wait_until
 
 ROOM = "channel_load"
 
@@ -134,3 +134,64 @@ async def test_hostile_backend_entries_do_not_break_delivery(node: App, redis_cl
     quote = await member.expect("quote_update")
     assert quote["data"] == {}
     assert (await member.expect("chat_message"))["content"] == "after"
+
+
+async def test_frames_sent_back_to_back_are_served_in_order(node: App) -> None:
+    """Chat messages are served as they arrive (not through the session's task) only while nothing else of the
+    session's is being handled: of frames written in one go (join, chat, leave, chat, join, chat), the first
+    chat is accepted after the join, the second refused after the leave, the third accepted again."""
+    client = await connect(url_of(node), "1")
+    room = "channel_back_to_back"
+    frames = [
+        {"type": "join_room", "room": room, "request_id": "j1"},
+        {"type": "chat_message", "room": room, "content": "one", "request_id": "c1"},
+        {"type": "leave_room", "room": room, "request_id": "l1"},
+        {"type": "chat_message", "room": room, "content": "two", "request_id": "c2"},
+        {"type": "join_room", "room": room, "request_id": "j2"},
+        {"type": "chat_message", "room": room, "content": "three", "request_id": "c3"},
+    ]
+    # One write for all six frames, so they arrive together.
+    for frame in frames:
+        client.ws.protocol.send_text(orjson.dumps(frame))
+    client.ws.send_data()
+    answers: list[tuple[Any, Any, Any]] = []
+    while len(answers) < len(frames):
+        got = await client.recv()
+        if got.get("request_id") in {"j1", "c1", "l1", "c2", "j2", "c3"}:
+            answers.append((got["request_id"], got["type"], got.get("code")))
+    # Acks come when Redis answers (a later frame's answer may come first); what matters is which state each
+    # chat message met: after the join, after the leave, after the second join.
+    assert {rid: (kind, code) for rid, kind, code in answers} == {
+        "j1": ("room_joined", None), "c1": ("ack", None), "l1": ("room_left", None),
+        "c2": ("error", "not_joined"), "j2": ("room_joined", None), "c3": ("ack", None)}
+    assert [rid for rid, kind, _ in answers if kind != "ack"] == ["j1", "l1", "c2", "j2"]
+
+
+async def test_a_chat_sent_right_after_a_join_waits_for_the_join(node: App, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chat message that arrives while the session's task is still joining (nothing left in websockets'
+    queue, the join waiting on Redis) is not served ahead of the join: here the join is held at a gate
+    until the chat message has arrived."""
+    assert node.node is not None
+    hub_node = node.node
+    join = hub_node._join
+    inside, gate = asyncio.Event(), asyncio.Event()
+
+    async def held_join(*args: Any) -> None:
+        inside.set()
+        await gate.wait()
+        await join(*args)
+
+    monkeypatch.setattr(hub_node, "_join", held_join)
+    client = await connect(url_of(node), "1")
+    room = "channel_right_after"
+    await client.send({"type": "join_room", "room": room, "request_id": "j"})
+    await asyncio.wait_for(inside.wait(), 5)
+    (session,) = hub_node.registry.sessions
+    await client.send({"type": "chat_message", "room": room, "content": "hi", "request_id": "c"})
+    await wait_until(lambda: len(session.connection.recv_messages.frames.queue) == 1, timeout_s=5,
+                     what="the chat message queued behind the join")
+    gate.set()
+    joined = await client.expect("room_joined", request_id="j")
+    acked = await client.expect("ack", request_id="c")
+    assert joined["room"] == acked["room"] == room
+    assert not [f for f in client.backlog if f["type"] == "error"], client.backlog
