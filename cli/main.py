@@ -555,7 +555,9 @@ def archiver(ctx: click.Context, burst: bool, name: str | None) -> None:
                 raise click.ClickException("the schema is not current: run hubctl migrate")
         finally:
             await conn.close()
-        redis = redis_client.connect(config.redis.url, cluster=config.redis.is_cluster)
+        # With a read timeout, like the hub's: a command sent into a black hole otherwise waits for TCP keepalive.
+        redis = redis_client.connect(config.redis.url, cluster=config.redis.is_cluster,
+                                     socket_timeout_s=config.redis.socket_timeout_s)
         db = redis_client.database(redis)
         worker = Archiver(redis, Keys(config.redis.key_prefix, db), config.postgres, config.archiver)
         audit_worker = AuditArchiver(redis, Keys(config.redis.key_prefix, db), config.postgres, config.archiver)
