@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 from hub.app import App
 from hub.config import Config, load_config
 from tests.helpers import Client, connect, mint
+from tests.redis_server import PrivateRedis
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 PG_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -130,6 +131,16 @@ async def nodes(prefix: str) -> AsyncIterator[NodeFactory]:
 @pytest.fixture
 async def node(nodes: NodeFactory) -> App:
     return await nodes.start()
+
+
+@pytest.fixture
+async def private_redis() -> AsyncIterator[PrivateRedis]:
+    """A redis-server of the test's own (a free loopback port, a temp dir), for tests that stop or break it.
+    (tests/faults/conftest.py overrides this with a factory: its scenarios start several.)"""
+    server = PrivateRedis()
+    await asyncio.to_thread(server.start)
+    yield server
+    await asyncio.to_thread(server.destroy)
 
 
 def free_port() -> int:

@@ -4,7 +4,6 @@ or its own error, a forgotten script is loaded and retried, and a lost connectio
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
@@ -14,14 +13,6 @@ from redis.exceptions import ResponseError
 from hub.batching import CommandBatcher
 from hub.lua import Scripts
 from tests.redis_server import PrivateRedis
-
-
-@pytest.fixture
-async def private_redis() -> AsyncIterator[PrivateRedis]:
-    server = PrivateRedis()
-    await asyncio.to_thread(server.start)
-    yield server
-    await asyncio.to_thread(server.destroy)
 
 
 async def test_concurrent_callers_share_pipelines_and_get_their_own_replies(prefix: str, redis_client: Redis) -> None:

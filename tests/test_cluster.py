@@ -190,24 +190,14 @@ async def test_archiver_stores_every_entry_of_every_shard_once(
             await writer.say(room, f"{room} {i}")
         await cluster_redis.xadd(keys.stream(room), {"sender_id": "backend", "content": "raw"})
 
-    async def run_archiver() -> Archiver:
-        archiver = Archiver(cluster_redis, keys, PostgresConfig(url=PG_URL, schema=pg_schema),
-                            ArchiverConfig(name="cluster-a1"))
-        await archiver.start()
-        try:
-            await asyncio.wait_for(archiver.run(burst=True), 30)
-        finally:
-            await archiver.close()
-        return archiver
-
-    first = await run_archiver()
+    first = await archive_burst(cluster_redis, keys, pg_schema, "cluster-a1")
     assert first.stats.rows_written == 5 * len(rooms) and first.stats.dead_lettered == 0
     for room in rooms:
         stored = [f"{r['stream_ms']}-{r['stream_seq']}" for r in await pg.fetch(
             "SELECT stream_ms, stream_seq FROM messages WHERE room = $1 ORDER BY stream_ms, stream_seq", room)]
         assert stored == [eid.decode() for eid, _ in await cluster_redis.xrange(keys.stream(room))]
         assert (await cluster_redis.xpending(keys.stream(room), GROUP))["pending"] == 0
-    assert (await run_archiver()).stats.rows_written == 0
+    assert (await archive_burst(cluster_redis, keys, pg_schema, "cluster-a1")).stats.rows_written == 0
 
 
 @pytest.mark.timeout(90)
@@ -313,13 +303,7 @@ async def test_redis_commands_per_message_on_the_cluster(
     for i in range(RAW_COUNTED):
         await cluster_redis.xadd(keys.stream(room), {"sender_id": "backend", "content": f"raw{i}"})
         assert (await reader.expect("chat_message", room=room))["content"] == f"raw{i}"
-    archiver = Archiver(cluster_redis, keys, PostgresConfig(url=PG_URL, schema=pg_schema),
-                        ArchiverConfig(name="counted-a1"))
-    await archiver.start()
-    try:
-        await asyncio.wait_for(archiver.run(burst=True), 30)
-    finally:
-        await archiver.close()
+    archiver = await archive_burst(cluster_redis, keys, pg_schema, "counted-a1")
     assert archiver.stats.rows_written == MESSAGES_COUNTED + RAW_COUNTED + 1
     delta = command_delta(before, await commands_on_masters(redis_cluster))
     print(f"cluster: {RAW_COUNTED} raw XADDs read by the relay and an archiver run: {delta}")
@@ -420,3 +404,14 @@ async def test_a_burst_of_commands_waits_for_connections_instead_of_failing(
     finally:
         await client.delete(*keys)
         await client.aclose()
+
+
+async def archive_burst(redis: Any, keys: Keys, pg_schema: str, name: str) -> Archiver:
+    """One archiver run over everything there is (burst), closed afterwards; its stats tell what it did."""
+    archiver = Archiver(redis, keys, PostgresConfig(url=PG_URL, schema=pg_schema), ArchiverConfig(name=name))
+    await archiver.start()
+    try:
+        await asyncio.wait_for(archiver.run(burst=True), 30)
+    finally:
+        await archiver.close()
+    return archiver

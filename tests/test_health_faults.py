@@ -3,21 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
 
 from tests.conftest import NodeFactory
 from tests.redis_server import PrivateRedis
-
-
-@pytest.fixture
-async def private_redis() -> AsyncIterator[PrivateRedis]:
-    server = PrivateRedis()
-    await asyncio.to_thread(server.start)
-    yield server
-    await asyncio.to_thread(server.destroy)
 
 
 async def health_status(port: int) -> int:
