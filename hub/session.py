@@ -30,6 +30,7 @@ from hub.auth import VerifiedToken
 from hub.errors import AuthError, ClientError, CloseCode, Forbidden, InvalidToken, RateLimited, Unavailable
 from hub.limits import Lease
 from hub.protocol import encode, error_frame, iso_ms, text_frame
+from hub.wsframes import at_frame_boundary, serve_text_frames
 
 if TYPE_CHECKING:
     from hub.node import Node
@@ -87,6 +88,14 @@ class HubConnection(ServerConnection):
 
     def data_received(self, data: bytes) -> None:
         self.last_data_at = self.loop.time()
+        handler = self.frame_handler
+        if handler is not None and not self.recv_messages.frames.queue and at_frame_boundary(self.protocol):
+            # Chat frames are served here, without websockets' parser (hub/wsframes.py); what remains is its.
+            consumed = serve_text_frames(data, handler, self.protocol.max_message_size)
+            if consumed == len(data):
+                return
+            if consumed:
+                data = data[consumed:]
         super().data_received(data)
 
     def process_event(self, event: Any) -> None:
