@@ -246,14 +246,36 @@ class Subscriptions:
         backoff = 0.05
         heard_at = loop.time()
         pinged_at: float | None = None  # when the unanswered PING went out; None when none is
+        # Set by a failure; the first read that succeeds after it (redis-py connected and subscribed everything
+        # again) reports a gap once more: what was published between the failure's gap read and the new
+        # subscriptions was neither read nor announced here.
+        broken = False
         while True:
+            parser: _AsyncHiredisParser | None = None
             try:
                 if not pubsub.subscribed:
                     # Nothing to read yet (or everything was unsubscribed): nothing can be lost either.
                     await asyncio.sleep(self._silence_s / 2)  # by design: an idle link has no socket to wait on
                     heard_at, pinged_at = loop.time(), None
                     continue
-                message = await pubsub.get_message(timeout=self._silence_s / 2)
+                parser = _hiredis_parser(pubsub)
+                if parser is not None:
+                    # Wait for the socket, then dispatch what came: redis-py's get_message costs a timeout, a
+                    # retry wrapper and a parse call per wake-up before _drain_parsed's loop runs anyway.
+                    try:
+                        async with asyncio.timeout(self._silence_s / 2):
+                            await parser.read_from_socket()  # type: ignore[no-untyped-call]
+                    except TimeoutError:
+                        heard = False
+                    else:
+                        heard = True
+                        await self._drain_parsed(pubsub, parser)
+                    message = {"type": "data"} if heard else None
+                else:
+                    message = await pubsub.get_message(timeout=self._silence_s / 2)
+                    if broken:
+                        broken = False
+                        self._gap()
                 now = loop.time()
                 if message is not None:
                     heard_at, pinged_at = now, None
@@ -265,6 +287,7 @@ class Subscriptions:
                         await pubsub.connection.disconnect()
                     heard_at, pinged_at = now, None
                     self._after_error()
+                    broken = True
                     continue
                 elif pinged_at is None and now - heard_at > self._silence_s:
                     await pubsub.ping()
@@ -273,12 +296,17 @@ class Subscriptions:
                 log.warning("%s: subscription connection to %s lost (%s); reconnecting", self._name, link.name,
                             type(exc).__name__)
                 self._after_error()
+                broken = True
+                if parser is not None and pubsub.connection is not None:
+                    # Read past redis-py: disconnect, so that its next get_message connects and subscribes again.
+                    with contextlib.suppress(RedisError, OSError):
+                        await pubsub.connection.disconnect()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
                 heard_at, pinged_at = loop.time(), None
                 continue
             backoff = 0.05
-            if message is not None:
+            if message is not None and parser is None:
                 self._handler(message)
                 try:
                     await self._drain(pubsub)
@@ -286,6 +314,7 @@ class Subscriptions:
                     log.warning("%s: subscription connection to %s lost (%s); reconnecting", self._name, link.name,
                                 type(exc).__name__)
                     self._after_error()
+                    broken = True
                     heard_at, pinged_at = loop.time(), None
 
     async def _drain(self, pubsub: Any) -> None:
@@ -443,3 +472,15 @@ async def _command(pubsub: PubSub, kind: str, names: list[str], *, subscribe: bo
         await (pubsub.ssubscribe(*names) if subscribe else pubsub.sunsubscribe(*names))
     else:
         await (pubsub.psubscribe(*names) if subscribe else pubsub.punsubscribe(*names))
+
+
+def _hiredis_parser(pubsub: Any) -> _AsyncHiredisParser | None:
+    """The subscription connection's hiredis parser, when it is connected and parses with hiredis; None otherwise
+    (redis-py's get_message then connects, or reconnects and subscribes everything again)."""
+    conn = pubsub.connection
+    if conn is None or not conn.is_connected:
+        return None
+    parser = getattr(conn, "_parser", None)
+    if isinstance(parser, _AsyncHiredisParser) and parser._reader is not None:
+        return parser
+    return None
