@@ -163,8 +163,6 @@ class Outbox:
         self._dirty: list[Session] = []
         self._scheduled = False
         self._write_delay_s = write_delay_s
-        # With a write delay, every frame waits for the window (Session.send_wires_now queues too).
-        self.delays = write_delay_s > 0
         # A connection with more than this still unsent from earlier writes when more is due is slow
         # (server.outbox_limit_bytes).
         self.limit_bytes = limit_bytes
@@ -279,23 +277,6 @@ class Session:
         self.send(error_frame(exc.code, exc.message, request_type=exc.request_type, room=room,
                               request_id=exc.request_id, retryable=exc.retryable, **extra))
 
-    def send_wires_now(self, data: bytes, frames: int) -> bool:
-        """Write ``data`` (``frames`` complete frames, a room's deliveries of this turn) at once, when nothing
-        else of this turn is queued for the connection: one pass over a big room's members instead of a
-        queueing pass and a writing pass. Otherwise it is queued after what is, like :meth:`send_wire`. False
-        when the session is closing (nothing written or queued)."""
-        if self.closing or self._protocol.state is not State.OPEN:
-            return False
-        if self._dirty or self._outbox.delays or self.connection.held_response is not None:
-            self._pending.append(data)
-            self._outbox.frames += frames - 1  # (flush counts the list's items)
-            if not self._dirty:
-                self._dirty = True
-                self._outbox.mark(self)
-            return True
-        self._write(data, frames)
-        return True
-
     def flush(self) -> None:
         self._dirty = False
         if not self._pending:
@@ -307,9 +288,6 @@ class Session:
             return
         if self.connection.held_response is not None:
             data = self.connection.take_held_response() + data
-        self._write(data, count)
-
-    def _write(self, data: bytes, frames: int) -> None:
         # Slow means: more than the limit is still unsent from earlier turns when more is due. Measured
         # before this write, not after it, so one burst (a busy pipeline's worth of messages landing in
         # one turn) does not cut off a client that reads as fast as it can.
@@ -321,7 +299,7 @@ class Session:
             return
         self._transport.write(data)
         self._outbox.writes += 1
-        self._outbox.frames += frames
+        self._outbox.frames += count
 
     def close(self, code: int, reason: str, grace_s: float) -> None:
         """Start the close handshake without waiting on the socket; abort after ``grace_s``."""
