@@ -8,7 +8,7 @@ until its replay has been sent, which is how a join gets no gap and no duplicate
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -18,6 +18,13 @@ from hub.protocol import Delivery, StreamId, text_frame
 
 if TYPE_CHECKING:
     from hub.session import Session
+
+
+# A room with at least this many local members has its chat written to each member in the delivering pass
+# (Session.send_wires_now) rather than queued for the end of the turn: in a big room the second pass over
+# the members costs more than the write it could share with a member's other frames of the turn; a small
+# room's members (a 1:1 chat) more often have their own ack due in the same turn, and share the write.
+DIRECT_WRITE_MIN_MEMBERS = 8
 
 
 @dataclass(slots=True)
@@ -98,7 +105,7 @@ class Registry:
     def has_members(self, room: str) -> bool:
         return room in self.rooms
 
-    def deliver(self, room: str, deliveries: Iterable[Delivery]) -> int:
+    def deliver(self, room: str, deliveries: Sequence[Delivery]) -> int:
         """Hand each delivery to every local member that should see it. Returns frames queued to
         connections that are not closing."""
         local = self.rooms.get(room)
@@ -106,6 +113,17 @@ class Registry:
             return 0
         queued = 0
         members = list(local.members.values())
+        if len(members) >= DIRECT_WRITE_MIN_MEMBERS and all(delivery.is_chat for delivery in deliveries):
+            # Every joined member gets the same bytes: joined once, written in this one pass.
+            count = len(deliveries)
+            data = deliveries[0].wire if count == 1 else b"".join(delivery.wire for delivery in deliveries)
+            for member in members:
+                if member.joined:
+                    if member.buffer is None:
+                        queued += count if member.session.send_wires_now(data, count) else 0
+                    else:
+                        member.buffer.extend(deliveries)
+            return queued
         for delivery in deliveries:
             wire = delivery.wire
             events_too = not delivery.is_chat  # (update subscribers get backend events, not chat)

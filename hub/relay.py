@@ -113,6 +113,11 @@ class Relay:
         # Called with a room whose stream vanished (its live members may have missed entries); set by the
         # node, must not raise.
         self.on_stream_lost: Callable[[str], None] | None = None
+        # Announced entries per room, handed over together once the announcements that arrived with them are
+        # dispatched (_flush_announced, scheduled by the first): one joined write per member for all of a room's
+        # messages that came in one read of the subscription connection, not a write per message.
+        self._announced: dict[str, list[Delivery]] = {}
+        self._announced_flush_due = False
         self.entries_delivered = 0
         self.entries_announced = 0  # delivered straight from room_publish.lua's announcement
         self.undeliverable_entries = 0
@@ -308,6 +313,8 @@ class Relay:
             data = message["data"]
             payload = data if isinstance(data, bytes) else str(data).encode()
             if payload[:1] == b"{":  # ephemeral events are JSON objects; announced entries are msgpack arrays
+                if room in self._announced:
+                    self._hand_over(room, [])  # the room's messages announced before it go first
                 self._registry.deliver_ephemeral(room, payload)
             else:
                 self._on_announced(room, payload)
@@ -374,7 +381,19 @@ class Relay:
         if delivery is None:
             self._undeliverable(room, raw_id)
         else:
-            self._hand_over(room, [delivery])
+            pending = self._announced.get(room)
+            if pending is not None:
+                pending.append(delivery)
+                return
+            self._announced[room] = [delivery]
+            if not self._announced_flush_due:
+                self._announced_flush_due = True
+                asyncio.get_running_loop().call_soon(self._flush_announced)
+
+    def _flush_announced(self) -> None:
+        self._announced_flush_due = False
+        while self._announced:
+            self._hand_over(next(iter(self._announced)), [])
 
     def _undeliverable(self, room: str, raw_id: bytes) -> None:
         self.undeliverable_entries += 1
@@ -382,7 +401,11 @@ class Relay:
                     room)
 
     def _hand_over(self, room: str, deliveries: list[Delivery]) -> int:
-        """Fan ``deliveries`` out to the room's local members; count them. Returns frames queued."""
+        """Fan ``deliveries`` out to the room's local members, after the room's announced entries still held
+        (they come first: a read delivers only entries past them); count them. Returns frames queued."""
+        announced = self._announced.pop(room, None)
+        if announced is not None:
+            deliveries = announced + deliveries
         queued = self._registry.deliver(room, deliveries)
         self.entries_delivered += len(deliveries)
         if self.metrics is not None and deliveries:

@@ -2,8 +2,10 @@
 
 Every frame the hub sends to a client goes through :meth:`Session.send_wire`: bytes are appended
 to the session's pending list and written with one ``transport.write`` per event-loop turn by the
-node's :class:`Outbox`. Nothing ever awaits a client's socket, so one stalled client cannot slow a
-room; a client whose unsent bytes exceed the limit is closed with 4008 "slow".
+node's :class:`Outbox`; a big room's chat is written in the delivering pass instead, when nothing else of
+the turn is queued for the connection (:meth:`Session.send_wires_now`). Nothing ever awaits a client's
+socket, so one stalled client cannot slow a room; a client whose unsent bytes exceed the limit is closed
+with 4008 "slow".
 
 The session also owns its token's lifetime: a timer sends ``token_expiring`` ``auth.expiry_warning_s``
 before the deadline (the token's exp plus ``auth.leeway_s``) and another closes the connection with
@@ -163,6 +165,8 @@ class Outbox:
         self._dirty: list[Session] = []
         self._scheduled = False
         self._write_delay_s = write_delay_s
+        # With a write delay, every frame waits for the window (Session.send_wires_now queues too).
+        self.delays = write_delay_s > 0
         # A connection with more than this still unsent from earlier writes when more is due is slow
         # (server.outbox_limit_bytes).
         self.limit_bytes = limit_bytes
@@ -277,6 +281,23 @@ class Session:
         self.send(error_frame(exc.code, exc.message, request_type=exc.request_type, room=room,
                               request_id=exc.request_id, retryable=exc.retryable, **extra))
 
+    def send_wires_now(self, data: bytes, frames: int) -> bool:
+        """Write ``data`` (``frames`` complete frames, a room's deliveries of this turn) at once, when nothing
+        else of this turn is queued for the connection: one pass over a big room's members instead of a
+        queueing pass and a writing pass. Otherwise it is queued after what is, like :meth:`send_wire`. False
+        when the session is closing (nothing written or queued)."""
+        if self.closing or self._protocol.state is not State.OPEN:
+            return False
+        if self._dirty or self._outbox.delays or self.connection.held_response is not None:
+            self._pending.append(data)
+            self._outbox.frames += frames - 1  # (flush counts the list's items)
+            if not self._dirty:
+                self._dirty = True
+                self._outbox.mark(self)
+            return True
+        self._write(data, frames)
+        return True
+
     def flush(self) -> None:
         self._dirty = False
         if not self._pending:
@@ -288,6 +309,9 @@ class Session:
             return
         if self.connection.held_response is not None:
             data = self.connection.take_held_response() + data
+        self._write(data, count)
+
+    def _write(self, data: bytes, frames: int) -> None:
         # Slow means: more than the limit is still unsent from earlier turns when more is due. Measured
         # before this write, not after it, so one burst (a busy pipeline's worth of messages landing in
         # one turn) does not cut off a client that reads as fast as it can.
@@ -299,7 +323,7 @@ class Session:
             return
         self._transport.write(data)
         self._outbox.writes += 1
-        self._outbox.frames += count
+        self._outbox.frames += frames
 
     def close(self, code: int, reason: str, grace_s: float) -> None:
         """Start the close handshake without waiting on the socket; abort after ``grace_s``."""
