@@ -252,6 +252,7 @@ class Subscriptions:
         broken = False
         while True:
             parser: _AsyncHiredisParser | None = None
+            message: dict[str, Any] | None = None  # one redis-py read (without hiredis), dispatched below
             try:
                 if not pubsub.subscribed:
                     # Nothing to read yet (or everything was unsubscribed): nothing can be lost either.
@@ -270,14 +271,14 @@ class Subscriptions:
                     else:
                         heard = True
                         await self._drain_parsed(pubsub, parser)
-                    message = {"type": "data"} if heard else None
                 else:
                     message = await pubsub.get_message(timeout=self._silence_s / 2)
+                    heard = message is not None
                     if broken:
                         broken = False
                         self._gap()
                 now = loop.time()
-                if message is not None:
+                if heard:
                     heard_at, pinged_at = now, None
                 elif pinged_at is not None and now - pinged_at > self._silence_s:
                     log.warning("%s: subscription connection to %s silent for %.1fs (no pong); reconnecting",
@@ -306,7 +307,7 @@ class Subscriptions:
                 heard_at, pinged_at = loop.time(), None
                 continue
             backoff = 0.05
-            if message is not None and parser is None:
+            if message is not None:
                 self._handler(message)
                 try:
                     await self._drain(pubsub)
@@ -321,8 +322,8 @@ class Subscriptions:
         """Dispatch the messages already received, without a timer each: a timed read (get_message with a
         timeout) wraps every message in an asyncio.timeout, a timer scheduled and cancelled per message (two
         messages per published entry: its keyspace notification and its announcement)."""
-        parser = getattr(pubsub.connection, "_parser", None)
-        if isinstance(parser, _AsyncHiredisParser) and parser._reader is not None:
+        parser = _hiredis_parser(pubsub)
+        if parser is not None:
             await self._drain_parsed(pubsub, parser)
             return
         for _ in range(DRAIN_MAX):
