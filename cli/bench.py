@@ -369,3 +369,65 @@ def calibrate(ctx: click.Context, /, subs: int, plot_path: Path | None, concurre
           {"start_rate": start_rate, "factor": factor, "step_s": step_s, "step_drain_s": step_drain_s,
            "max_steps": max_steps, "p99_limit_ms": p99_limit_ms, "min_delivery": min_delivery}, opts,
           open_target=against_null_hub)
+
+
+@bench.command()
+@click.option("--peers", "peer_list", default="hub socketio-node", show_default=True,
+              help="The harness's peers to run, in order: hub (this checkout), null-hub-py (its bench/nullhub.py), "
+                   "and the harness's own (socketio-node, null-hub, socketio-py, channels, ...).")
+@click.option("--scenarios", default=None,
+              help="The harness's scenarios (default: its own list, fanout200 fanout1000 ramp500 rooms500x2 idle5000; "
+                   "'smoke' checks the plumbing in seconds).")
+@click.option("--against", "against_rev", default=None, metavar="REV",
+              help="Also run the hub at git revision REV (a worktree), as peer hub-<REV>, right after hub.")
+@click.option("--hub-env", "hub_env", multiple=True, metavar="NAME=VALUE",
+              help="Environment for the hub peers (e.g. HUB_SERVER_WRITE_DELAY_MS=25); repeatable.")
+@click.option("--harness", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="The harness to copy [default: ../shared/bench beside this checkout, or $STREAMHUB_BENCH_HARNESS].")
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where the copy lives; its npm and pip installs are kept for the next run "
+                   "[default: $TMPDIR/streamhub-harness].")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Results file (JSON lines) [default: results/<UTC time>.jsonl in the work directory].")
+@click.option("--extra-args", default=None, help="Passed to every loadgen.mjs run (the harness's EXTRA_ARGS).")
+def peers(peer_list: str, scenarios: str | None, against_rev: str | None, hub_env: tuple[str, ...],
+          harness: Path | None, workdir: Path | None, out: Path | None, extra_args: str | None) -> None:
+    """Side by side with Socket.IO and the other peers of the shared harness: copies it, adds this hub as a peer
+    (and with --against an older commit as another), runs its run_peers.sh and prints its report. One invocation
+    runs every peer on every scenario, so their figures compare (this machine drifts between invocations)."""
+    import tempfile
+
+    from bench import harness as side_by_side
+    from bench.target import ROOT
+
+    env: dict[str, str] = {}
+    for item in hub_env:
+        name, sep, value = item.partition("=")
+        if not sep or not name.isidentifier():
+            raise click.BadParameter(f"{item!r} is not NAME=VALUE", param_hint="--hub-env")
+        env[name] = value
+    source = harness or Path(os.environ.get("STREAMHUB_BENCH_HARNESS", side_by_side.DEFAULT_HARNESS))
+    work = workdir or Path(tempfile.gettempdir()) / "streamhub-harness"
+    names = peer_list.split()
+    if not names:
+        raise click.BadParameter("name at least one peer", param_hint="--peers")
+    hubs = [side_by_side.HubPeer("hub", ROOT, env)]
+    try:
+        if against_rev is None:
+            side_by_side.prepare(source, work, hubs)
+            side_by_side.skip_python_install(work, names)
+            status = side_by_side.run(work, names, scenarios.split() if scenarios else None, out, extra_args)
+        else:
+            old = f"hub-{side_by_side.short_rev(against_rev)}"
+            if "hub" in names:
+                names.insert(names.index("hub") + 1, old)
+            else:
+                names.insert(0, old)
+            with side_by_side.worktree(against_rev, work.with_name(work.name + "-" + old)) as checkout:
+                side_by_side.prepare(source, work, [*hubs, side_by_side.HubPeer(old, checkout, env)])
+                side_by_side.skip_python_install(work, names)
+                status = side_by_side.run(work, names, scenarios.split() if scenarios else None, out, extra_args)
+    except side_by_side.HarnessError as exc:
+        raise click.ClickException(str(exc)) from None
+    if status != 0:
+        raise click.ClickException(f"the harness's run_peers.sh exited with {status}")
