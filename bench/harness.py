@@ -28,7 +28,6 @@ from pathlib import Path
 
 from bench.target import LIFTED_LIMITS, ROOT
 
-DEFAULT_HARNESS = ROOT.parent / "shared" / "bench"
 # Left out of the copy: installs and results the work directory keeps.
 _NOT_COPIED = {"node_modules", ".venv", "results"}
 # The harness's peers that run in its Python virtualenv (installed by run_peers.sh from peers/requirements.txt).
@@ -39,6 +38,24 @@ PYTHON_NULL_PEER = "null-hub-py"
 # loadgen.mjs: where the fanout and ramp scenarios have joined their receivers; the publisher joins after.
 _JOIN_ANCHOR = "const j = await joinAll(subs.map((c) => [c, o.room])); result.join = j.stats;"
 _PUBLISHER_JOINS = " if (o.proto === 'hub') await pub.join(o.room); // streamhub: only members publish"
+
+
+def default_harness() -> Path:
+    """Where the shared harness is: ``$STREAMHUB_BENCH_HARNESS``, else ``shared/bench`` beside this checkout, else
+    beside the checkout this one was cloned from (a CI run's fresh clone of a local repository)."""
+    named = os.environ.get("STREAMHUB_BENCH_HARNESS")
+    if named:
+        return Path(named)
+    beside = ROOT.parent / "shared" / "bench"
+    if beside.is_dir():
+        return beside
+    origin = subprocess.run(["git", "-C", str(ROOT), "config", "--get", "remote.origin.url"],
+                            capture_output=True, text=True, check=False).stdout.strip()
+    if origin and "://" not in origin and ":" not in origin.split("/", 1)[0]:  # a local path, not a URL or scp-like
+        cloned_from = (ROOT / origin).resolve().parent / "shared" / "bench"
+        if cloned_from.is_dir():
+            return cloned_from
+    return beside
 
 
 class HarnessError(Exception):

@@ -383,7 +383,8 @@ def calibrate(ctx: click.Context, /, subs: int, plot_path: Path | None, concurre
 @click.option("--hub-env", "hub_env", multiple=True, metavar="NAME=VALUE",
               help="Environment for the hub peers (e.g. HUB_SERVER_WRITE_DELAY_MS=25); repeatable.")
 @click.option("--harness", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="The harness to copy [default: ../shared/bench beside this checkout, or $STREAMHUB_BENCH_HARNESS].")
+              help="The harness to copy [default: $STREAMHUB_BENCH_HARNESS, or shared/bench beside this checkout "
+                   "or the one it was cloned from].")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where the copy lives; its npm and pip installs are kept for the next run "
                    "[default: $TMPDIR/streamhub-harness].")
@@ -406,7 +407,7 @@ def peers(peer_list: str, scenarios: str | None, against_rev: str | None, hub_en
         if not sep or not name.isidentifier():
             raise click.BadParameter(f"{item!r} is not NAME=VALUE", param_hint="--hub-env")
         env[name] = value
-    source = harness or Path(os.environ.get("STREAMHUB_BENCH_HARNESS", side_by_side.DEFAULT_HARNESS))
+    source = harness or side_by_side.default_harness()
     work = workdir or Path(tempfile.gettempdir()) / "streamhub-harness"
     names = peer_list.split()
     if not names:

@@ -18,20 +18,20 @@ from bench import harness
 from bench.target import ROOT
 from cli.main import cli
 
-needs_harness = pytest.mark.skipif(not (harness.DEFAULT_HARNESS / "run_peers.sh").is_file(),
-                                   reason=f"no shared harness at {harness.DEFAULT_HARNESS}")
+HARNESS = harness.default_harness()
+needs_harness = pytest.mark.skipif(not (HARNESS / "run_peers.sh").is_file(), reason=f"no shared harness at {HARNESS}")
 
 
 @needs_harness
 def test_prepare_adds_the_hub_as_a_peer_and_makes_publishers_join(tmp_path: Path) -> None:
     work = tmp_path / "work"
     hub = harness.HubPeer("hub", ROOT, {"HUB_SERVER_WRITE_DELAY_MS": "25"})
-    harness.prepare(harness.DEFAULT_HARNESS, work, [hub])
-    harness.prepare(harness.DEFAULT_HARNESS, work, [hub])  # again: the work directory is reused
+    harness.prepare(HARNESS, work, [hub])
+    harness.prepare(HARNESS, work, [hub])  # again: the work directory is reused
 
     loadgen = (work / "loadgen.mjs").read_text()
     assert loadgen.count("await pub.join(o.room)") == 2  # fanout and ramp, once each however often prepared
-    assert "await pub.join(o.room)" not in (harness.DEFAULT_HARNESS / "loadgen.mjs").read_text()  # original kept
+    assert "await pub.join(o.room)" not in (HARNESS / "loadgen.mjs").read_text()  # original kept
     assert (work / "peers" / "hub" / "PROTO").read_text().strip() == "hub"
     start = work / "peers" / "hub" / "start.sh"
     assert os.access(start, os.X_OK)
@@ -63,7 +63,7 @@ def test_prepare_refuses_a_load_generator_it_cannot_patch(tmp_path: Path) -> Non
 @needs_harness
 def test_python_peers_install_is_skipped_only_without_python_peers(tmp_path: Path) -> None:
     work = tmp_path / "work"
-    harness.prepare(harness.DEFAULT_HARNESS, work, [])
+    harness.prepare(HARNESS, work, [])
     marker = work / ".venv" / ".bench-req"
     harness.skip_python_install(work, ["hub", "socketio-node"])
     expected = subprocess.run(["sha1sum", str(work / "peers" / "requirements.txt")], capture_output=True,
