@@ -413,6 +413,7 @@ def peers(peer_list: str, scenarios: str | None, against_rev: str | None, hub_en
     if not names:
         raise click.BadParameter("name at least one peer", param_hint="--peers")
     hubs = [side_by_side.HubPeer("hub", ROOT, env)]
+    click.echo(f"# harness {source} set up in {work} (its results/ keeps every run)", err=True)
     try:
         if against_rev is None:
             side_by_side.prepare(source, work, hubs)
