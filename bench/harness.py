@@ -37,6 +37,8 @@ PYTHON_PEERS = frozenset({"socketio-py", "channels", "channels-pubsub"})
 PYTHON_NULL_PEER = "null-hub-py"
 # loadgen.mjs: where the fanout and ramp scenarios have joined their receivers; the publisher joins after.
 _JOIN_ANCHOR = "const j = await joinAll(subs.map((c) => [c, o.room])); result.join = j.stats;"
+# The first comment line of the start.sh of a peer this module wrote.
+_WRITTEN_HERE = "# Written by hubctl bench peers: the hub as a peer of this harness."
 _PUBLISHER_JOINS = " if (o.proto === 'hub') await pub.join(o.room); // streamhub: only members publish"
 
 
@@ -86,9 +88,18 @@ def prepare(harness: Path, workdir: Path, hubs: list[HubPeer]) -> None:
         else:
             shutil.copy2(item, target)
     _patch_loadgen(workdir / "loadgen.mjs")
+    ours = {hub.name for hub in hubs} | {PYTHON_NULL_PEER}
+    for start in (workdir / "peers").glob("*/start.sh"):
+        if start.parent.name not in ours and _WRITTEN_HERE in start.read_text():
+            shutil.rmtree(start.parent)  # a hub peer of an earlier run (an --against worktree that is gone)
     for hub in hubs:
         _write_peer(workdir / "peers" / hub.name, hub, "cli.main serve --host 127.0.0.1")
     _write_peer(workdir / "peers" / PYTHON_NULL_PEER, HubPeer(PYTHON_NULL_PEER, ROOT, {}), "bench.nullhub")
+
+
+def available_peers(workdir: Path) -> list[str]:
+    """The peers a prepared work directory can start (those with a peers/NAME/start.sh)."""
+    return sorted(path.parent.name for path in (workdir / "peers").glob("*/start.sh"))
 
 
 def _patch_loadgen(path: Path) -> None:
@@ -108,7 +119,7 @@ def _write_peer(directory: Path, hub: HubPeer, module_and_args: str) -> None:
     exports = {**LIFTED_LIMITS, **hub.env}
     lines = [
         "#!/usr/bin/env bash",
-        "# Written by hubctl bench peers: the hub as a peer of this harness.",
+        _WRITTEN_HERE,
         'source "$(dirname "$0")/../_lib.sh"',
         f"cd {shlex.quote(str(hub.checkout))}",
         'export JWT_SECRET="$HUB_JWT_SECRET"  # the token secret the load generator signs with',

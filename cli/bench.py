@@ -413,22 +413,26 @@ def peers(peer_list: str, scenarios: str | None, against_rev: str | None, hub_en
     if not names:
         raise click.BadParameter("name at least one peer", param_hint="--peers")
     hubs = [side_by_side.HubPeer("hub", ROOT, env)]
-    click.echo(f"# harness {source} set up in {work} (its results/ keeps every run)", err=True)
+
+    def set_up_and_run() -> int:
+        side_by_side.prepare(source, work, hubs)
+        unknown = [name for name in names if name not in side_by_side.available_peers(work)]
+        if unknown:
+            raise click.BadParameter(f"no peer {', '.join(unknown)} (there are: "
+                                     f"{', '.join(side_by_side.available_peers(work))})", param_hint="--peers")
+        side_by_side.skip_python_install(work, names)
+        click.echo(f"# harness {source} set up in {work} (its results/ keeps every run)", err=True)
+        return side_by_side.run(work, names, scenarios.split() if scenarios else None, out, extra_args)
+
     try:
         if against_rev is None:
-            side_by_side.prepare(source, work, hubs)
-            side_by_side.skip_python_install(work, names)
-            status = side_by_side.run(work, names, scenarios.split() if scenarios else None, out, extra_args)
+            status = set_up_and_run()
         else:
             old = f"hub-{side_by_side.short_rev(against_rev)}"
-            if "hub" in names:
-                names.insert(names.index("hub") + 1, old)
-            else:
-                names.insert(0, old)
+            names.insert(names.index("hub") + 1 if "hub" in names else 0, old)
             with side_by_side.worktree(against_rev, work.with_name(work.name + "-" + old)) as checkout:
-                side_by_side.prepare(source, work, [*hubs, side_by_side.HubPeer(old, checkout, env)])
-                side_by_side.skip_python_install(work, names)
-                status = side_by_side.run(work, names, scenarios.split() if scenarios else None, out, extra_args)
+                hubs.append(side_by_side.HubPeer(old, checkout, env))
+                status = set_up_and_run()
     except side_by_side.HarnessError as exc:
         raise click.ClickException(str(exc)) from None
     if status != 0:

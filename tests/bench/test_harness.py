@@ -42,6 +42,11 @@ def test_prepare_adds_the_hub_as_a_peer_and_makes_publishers_join(tmp_path: Path
     assert script.rstrip().endswith('-m cli.main serve --host 127.0.0.1 --port "$PORT"')
     null_peer = (work / "peers" / harness.PYTHON_NULL_PEER / "start.sh").read_text()
     assert null_peer.rstrip().endswith('-m bench.nullhub --port "$PORT"')
+    # A hub peer of an earlier run (an --against worktree) is gone from the next; the harness's own stay.
+    harness.prepare(HARNESS, work, [hub, harness.HubPeer("hub-0123abc", tmp_path / "old", {})])
+    assert harness.available_peers(work).count("hub-0123abc") == 1
+    harness.prepare(HARNESS, work, [hub])
+    assert "hub-0123abc" not in harness.available_peers(work)
     # The harness's own peers came along.
     assert (work / "peers" / "socketio-node" / "start.sh").is_file()
 
@@ -82,6 +87,14 @@ def test_bad_hub_env_and_unknown_revision_are_clear_errors(tmp_path: Path) -> No
                                  "--workdir", str(tmp_path / "work")])
     assert result.exit_code == 1
     assert "unknown revision 'no-such-revision'" in result.output
+
+
+@needs_harness
+def test_an_unknown_peer_is_a_clear_error(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["bench", "peers", "--peers", "hub socketio-nod", "--workdir", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "no peer socketio-nod (there are: " in result.output
+    assert "socketio-node" in result.output and "null-hub-py" in result.output
 
 
 def test_worktree_of_a_revision_is_removed_afterwards(tmp_path: Path) -> None:
